@@ -1,0 +1,26 @@
+# make search: the main job on the embedded digits data.  make test: the test suite.
+# Both create .venv and install the pinned dependencies when missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: search test venv clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first, pinned, so nothing later pulls a CUDA build from the registry.
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+search: $(STAMP)
+	$(PY) -m dist_hrnas.train --config configs/digits.yaml
+
+test: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs

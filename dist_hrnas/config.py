@@ -1,0 +1,232 @@
+"""Typed run configuration: one dataclass per section, each field documented, validated in ``__post_init__``.
+
+Every field carries its documentation in ``metadata["doc"]`` (``python -m dist_hrnas.train --help-config``
+prints them). Loading YAML and ``section.key=value`` overrides lives in :mod:`dist_hrnas.configio`.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from dist_hrnas.errors import ConfigError
+
+
+def _f(default: Any, doc: str) -> Any:
+    """A dataclass field with a default (copied when mutable) and its documentation."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+def _choice(section: str, key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{section}.{key}: {value!r} is not one of {', '.join(choices)}")
+
+
+def _positive(section: str, key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{section}.{key}: must be {bound}, got {value}")
+
+
+@dataclass
+class ModelConfig:
+    """The HR-NAS supernet (names follow HR-NAS's ``model_kwparams``), or a searched architecture file."""
+
+    arch: str = _f("", "Architecture file (e.g. RUN_DIR/searched_arch.yaml) to build instead of the supernet; "
+                       "its contents replace every other model key.")
+    num_classes: int = _f(10, "Classifier outputs; must match the data set's class count.")
+    image_channels: int = _f(3, "Channels of the input image (1 for the grayscale digits).")
+    input_stride: int = _f(4, "Stem downsampling: 4 = two stride-2 3x3 convs (HR-NAS), 2 = one.")
+    input_channel: list[int] = _f([24, 24], "Output channels of the two stem convs.")
+    stages: list = _f([[1, [1], [24]], [2, [2, 2], [18, 36]]],
+                      "HR-NAS inverted_residual_setting: one [branches, [blocks per branch], "
+                      "[channels per branch]] per stage; each stage is a fuse module then a parallel module.")
+    kernel_sizes: list[int] = _f([3, 5, 7], "Depthwise kernel size of each branch of every atomic block.")
+    expand_ratio: float = _f(4.0, "Initial hidden width of every branch = round(C_in * expand_ratio); "
+                                  "1 = no expand conv.")
+    head_channels: list[int] = _f([36, 72], "Per-resolution channels of the head's increase blocks.")
+    last_channel: int = _f(256, "Channels of the head's final 1x1 conv (the classifier's input).")
+    active_fn: str = _f("relu", "Activation: relu, relu6, swish or hswish.")
+    bn_momentum: float = _f(0.01, "BatchNorm momentum (PyTorch convention).")
+    bn_eps: float = _f(1e-3, "BatchNorm epsilon.")
+    dropout: float = _f(0.2, "Dropout before the classifier.")
+
+    def __post_init__(self) -> None:
+        _choice("model", "active_fn", self.active_fn, ("relu", "relu6", "swish", "hswish"))
+        _choice("model", "input_stride", str(self.input_stride), ("2", "4"))
+        if len(self.input_channel) != 2:
+            raise ConfigError(f"model.input_channel: expected 2 stem widths, got {self.input_channel}")
+        for i, stage in enumerate(self.stages):
+            ok = (isinstance(stage, list) and len(stage) == 3 and isinstance(stage[0], int)
+                  and isinstance(stage[1], list) and isinstance(stage[2], list)
+                  and len(stage[1]) == stage[0] == len(stage[2]))
+            if not ok:
+                raise ConfigError(f"model.stages[{i}]: expected [branches, [blocks per branch], "
+                                  f"[channels per branch]] with matching lengths, got {stage}")
+        if self.stages and len(self.head_channels) != self.stages[-1][0]:
+            raise ConfigError(f"model.head_channels: need one width per final branch "
+                              f"({self.stages[-1][0]}), got {self.head_channels}")
+        _positive("model", "expand_ratio", self.expand_ratio)
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from."""
+
+    name: str = _f("digits", "digits (scikit-learn's bundled handwritten digits), synthetic or imagefolder.")
+    root: str = _f("", "imagefolder: directory holding train/ and val/ class folders.")
+    image_size: int = _f(32, "Square side the images are resized/cropped to (the network's input size).")
+    val_fraction: float = _f(0.2, "digits: share of the 1797 images held out for validation.")
+    split_seed: int = _f(0, "digits: seed of the fixed train/val permutation.")
+    synthetic_train_size: int = _f(512, "synthetic: number of training samples.")
+    synthetic_val_size: int = _f(128, "synthetic: number of validation samples.")
+    synthetic_classes: int = _f(10, "synthetic: number of classes.")
+    synthetic_channels: int = _f(3, "synthetic: image channels.")
+    num_workers: int = _f(0, "DataLoader worker processes per rank.")
+    augment: bool = _f(True, "imagefolder: random-resized-crop + horizontal flip on the training split.")
+
+    def __post_init__(self) -> None:
+        _choice("data", "name", self.name, ("digits", "synthetic", "imagefolder"))
+        _positive("data", "image_size", self.image_size)
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"data.val_fraction: must be in (0, 1), got {self.val_fraction}")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and the training loop."""
+
+    epochs: int = _f(4, "Training epochs.")
+    batch_size_per_rank: int = _f(64, "Images per step on each rank (global batch = this x world size).")
+    optimizer: str = _f("sgd", "sgd, rmsprop or adamw.")
+    lr: float = _f(0.1, "Peak learning rate for a global batch of lr_base_batch images.")
+    lr_base_batch: int = _f(0, "Global batch that lr is given for; lr is scaled linearly to the real global "
+                               "batch. 0 = use lr as is.")
+    lr_schedule: str = _f("cosine", "cosine, exp (HR-NAS: x exp_gamma every exp_decay_epochs) or constant.")
+    warmup_epochs: float = _f(0.0, "Linear learning-rate warm-up from 0, in epochs (stepwise).")
+    exp_gamma: float = _f(0.97, "exp schedule: decay factor.")
+    exp_decay_epochs: float = _f(2.4, "exp schedule: epochs between decays.")
+    momentum: float = _f(0.9, "SGD/RMSprop momentum.")
+    nesterov: bool = _f(True, "SGD: Nesterov momentum.")
+    rmsprop_alpha: float = _f(0.9, "RMSprop smoothing constant.")
+    rmsprop_eps: float = _f(1e-3, "RMSprop epsilon.")
+    adamw_betas: list[float] = _f([0.9, 0.999], "AdamW betas.")
+    weight_decay: float = _f(4e-5, "Weight decay on conv/linear weights (not on BN or biases).")
+    label_smoothing: float = _f(0.1, "Cross-entropy label smoothing.")
+    ema_decay: float = _f(0.0, "EMA of weights (0 = off). Validation uses the EMA weights when on.")
+    eval_every: int = _f(1, "Validate every N epochs (and always after the last).")
+    log_every: int = _f(10, "Log training scalars every N steps.")
+    max_steps_per_epoch: int = _f(0, "Cut every epoch after N steps (0 = whole epoch); for smoke tests.")
+    seed: int = _f(0, "Seed of weights init, data order and dropout.")
+
+    def __post_init__(self) -> None:
+        _choice("train", "optimizer", self.optimizer, ("sgd", "rmsprop", "adamw"))
+        _choice("train", "lr_schedule", self.lr_schedule, ("cosine", "exp", "constant"))
+        _positive("train", "epochs", self.epochs)
+        _positive("train", "batch_size_per_rank", self.batch_size_per_rank)
+        _positive("train", "lr", self.lr)
+        _positive("train", "eval_every", self.eval_every)
+        _positive("train", "log_every", self.log_every)
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"train.ema_decay: must be in [0, 1), got {self.ema_decay}")
+
+
+@dataclass
+class PruneConfig:
+    """The HR-NAS search: L1 on depthwise-BN scales weighted by a per-channel cost, and shrinking."""
+
+    penalty: str = _f("seconds", "Per-channel cost: seconds (measured on latency.device), macs (HR-NAS), "
+                                 "equal (network slimming) or none (plain training / retraining).")
+    rho: float = _f(1.8e-4, "Weight of the L1 term after warm-up.")
+
+    def __post_init__(self) -> None:
+        _choice("prune", "penalty", self.penalty, ("seconds", "macs", "equal", "none"))
+        _positive("prune", "rho", self.rho, allow_zero=True)
+
+
+@dataclass
+class LatencyConfig:
+    """Where and how per-channel latency is measured."""
+
+    device: str = _f("cpu", "Target device the search optimises for: cpu or cuda[:N].")
+    lut: str = _f("", "Latency lookup-table JSON file to reuse/extend (empty = measure without caching).")
+    batch_size: int = _f(1, "Batch size of the timed forward passes (1 = latency, larger = throughput).")
+    threads: int = _f(1, "CPU threads while timing (fixed so numbers are comparable).")
+    warmup: int = _f(5, "Untimed runs before timing each op.")
+    repeats: int = _f(15, "Timed runs per op; the median is used.")
+
+    def __post_init__(self) -> None:
+        if not (self.device == "cpu" or self.device == "cuda" or
+                (self.device.startswith("cuda:") and self.device[5:].isdigit())):
+            raise ConfigError(f"latency.device: {self.device!r} is not cpu, cuda or cuda:N")
+        _positive("latency", "batch_size", self.batch_size)
+        _positive("latency", "threads", self.threads)
+        _positive("latency", "repeats", self.repeats)
+
+
+@dataclass
+class DistConfig:
+    """Process group and data-parallel engine (used under torchrun)."""
+
+    backend: str = _f("auto", "auto (nccl on CUDA, gloo on CPU), nccl or gloo.")
+    engine: str = _f("ddp", "ddp (DistributedDataParallel) or deepspeed.")
+    timeout_s: int = _f(300, "Collective timeout: a lost rank ends the job with an error after this long.")
+    deepspeed: dict = _f({}, "DeepSpeed settings ({zero_stage: 0|1|2, ...}) or {config: path/to/ds.json}.")
+
+    def __post_init__(self) -> None:
+        _choice("dist", "backend", self.backend, ("auto", "nccl", "gloo"))
+        _choice("dist", "engine", self.engine, ("ddp", "deepspeed"))
+        _positive("dist", "timeout_s", self.timeout_s)
+
+
+@dataclass
+class LogConfig:
+    """Run directory, TensorBoard and console output."""
+
+    run_dir: str = _f("", "Run directory (default runs/<config file name>).")
+    tensorboard: bool = _f(True, "Write TensorBoard events under <run_dir>/tb/.")
+    progress: bool = _f(True, "Show tqdm progress bars (rank 0 only).")
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoints under <run_dir>/checkpoints/."""
+
+    every_epochs: int = _f(1, "Write checkpoints/last.pt every N epochs (0 = never).")
+    resume: str = _f("auto", "auto (resume from checkpoints/last.pt if present) or never.")
+
+    def __post_init__(self) -> None:
+        _choice("checkpoint", "resume", self.resume, ("auto", "never"))
+        _positive("checkpoint", "every_epochs", self.every_epochs, allow_zero=True)
+
+
+@dataclass
+class Config:
+    """The whole run configuration, one dataclass per section."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    name: str = field(default="default", metadata={"doc": "Run name (the config file's stem)."})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+
+
+# Loading lives in its own module; re-exported so callers need only ``dist_hrnas.config``.
+from dist_hrnas.configio import (build_config, describe_fields, load_config, save_config,  # noqa: E402
+                                 yaml_load)
+
+__all__ = ["CheckpointConfig", "Config", "ConfigError", "DataConfig", "DistConfig", "LatencyConfig", "LogConfig",
+           "ModelConfig", "PruneConfig", "TrainConfig", "build_config", "describe_fields", "load_config",
+           "save_config", "yaml_load"]

@@ -1,0 +1,145 @@
+"""The one module that owns the process group. Everything else asks it (never ``torch.distributed``).
+
+Reads what torchrun sets (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT). World size 1 creates no
+process group, so single-process runs take exactly the same code path with every collective a no-op.
+"""
+from __future__ import annotations
+
+import datetime
+import gc
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from dist_hrnas.config import DistConfig
+from dist_hrnas.errors import UserError
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Who this process is in the job, and which device it trains on."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    backend: str = ""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "")
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise UserError(f"environment variable {name}={raw!r} is not an integer (set by torchrun)") from None
+
+
+def init_distributed(cfg: DistConfig, training_device: str = "auto") -> DistContext:
+    """Join the job torchrun started (or none), pick this rank's device and the backend.
+
+    ``training_device``: ``auto`` = one CUDA device per local rank when CUDA is available, else CPU.
+    """
+    world_size = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    use_cuda = torch.cuda.is_available() if training_device == "auto" else training_device.startswith("cuda")
+    if use_cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"LOCAL_RANK {local_rank} has no GPU ({torch.cuda.device_count()} visible): "
+                            f"use --nproc_per_node <= {torch.cuda.device_count()}")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size == 1:
+        return DistContext(device=device)
+    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    if backend == "nccl" and device.type != "cuda":
+        raise UserError("dist.backend=nccl needs CUDA devices; use dist.backend=gloo (or auto) on CPU")
+    for var in ("MASTER_ADDR", "MASTER_PORT"):
+        if var not in os.environ:
+            raise UserError(f"WORLD_SIZE={world_size} but {var} is not set: start with torchrun")
+    dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=cfg.timeout_s),
+                            device_id=device if device.type == "cuda" else None)
+    return DistContext(rank=rank, local_rank=local_rank, world_size=world_size, device=device, backend=backend)
+
+
+def shutdown(ctx: DistContext) -> None:
+    """Tear the process group down. Callers drop DDP/engine/optimizer references first.
+
+    gloo can abort at exit while a wrapper still holds the group; collecting garbage and a final
+    barrier before destroying the group avoids that.
+    """
+    if not dist.is_initialized():
+        return
+    gc.collect()
+    try:
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """In-place broadcast from ``src``; identity without a process group."""
+    if dist.is_initialized():
+        dist.broadcast(tensor, src)
+    return tensor
+
+
+def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_mean_(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor /= dist.get_world_size()
+    return tensor
+
+
+def all_gather_object(obj: object) -> list[object]:
+    """Every rank's ``obj`` (a list of one without a process group)."""
+    if not dist.is_initialized():
+        return [obj]
+    out: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+@torch.no_grad()
+def sync_bn_buffers_(module: torch.nn.Module) -> None:
+    """Average BatchNorm running statistics over ranks (DDP/DeepSpeed sync parameters, not these)."""
+    if not dist.is_initialized():
+        return
+    for m in module.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            all_reduce_mean_(m.running_mean)
+            all_reduce_mean_(m.running_var)
