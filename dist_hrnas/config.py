@@ -141,10 +141,28 @@ class PruneConfig:
     penalty: str = _f("seconds", "Per-channel cost: seconds (measured on latency.device), macs (HR-NAS), "
                                  "equal (network slimming) or none (plain training / retraining).")
     rho: float = _f(1.8e-4, "Weight of the L1 term after warm-up.")
+    epoch_free: float = _f(0.0, "Epochs without penalty at the start (rho = 0).")
+    epoch_warmup: float = _f(0.0, "Epoch by which rho has risen linearly from 0 (at epoch_free) to prune.rho.")
+    stepwise: bool = _f(True, "Raise rho every step (true) or once per epoch (false).")
+    threshold: float = _f(1e-3, "A channel is dead when its depthwise-BN |scale| is at or below this.")
+    shrink_delta_seconds: float = _f(0.0, "Shrink (physically remove dead channels) after an evaluation once "
+                                          "the dead channels' predicted seconds reach this (and are > 0); the "
+                                          "last epoch always shrinks.")
+    skip_expand1: bool = _f(True, "Never prune the first block without an expand conv (HR-NAS's "
+                                  "expansion_only_skip_expand1).")
+    bn_calibration_steps: int = _f(10, "Training batches used to re-estimate BN statistics after a shrink "
+                                       "(0 = keep the folded statistics).")
 
     def __post_init__(self) -> None:
         _choice("prune", "penalty", self.penalty, ("seconds", "macs", "equal", "none"))
         _positive("prune", "rho", self.rho, allow_zero=True)
+        _positive("prune", "epoch_free", self.epoch_free, allow_zero=True)
+        _positive("prune", "threshold", self.threshold, allow_zero=True)
+        _positive("prune", "shrink_delta_seconds", self.shrink_delta_seconds, allow_zero=True)
+        _positive("prune", "bn_calibration_steps", self.bn_calibration_steps, allow_zero=True)
+        if self.epoch_warmup and self.epoch_warmup < self.epoch_free:
+            raise ConfigError(f"prune.epoch_warmup ({self.epoch_warmup}) must be 0 or >= prune.epoch_free "
+                              f"({self.epoch_free})")
 
 
 @dataclass
@@ -157,6 +175,7 @@ class LatencyConfig:
     threads: int = _f(1, "CPU threads while timing (fixed so numbers are comparable).")
     warmup: int = _f(5, "Untimed runs before timing each op.")
     repeats: int = _f(15, "Timed runs per op; the median is used.")
+    cost: str = _f("average", "Per-channel cost of a branch: average = seconds / width (the seed's rule).")
 
     def __post_init__(self) -> None:
         if not (self.device == "cpu" or self.device == "cuda" or
@@ -165,6 +184,7 @@ class LatencyConfig:
         _positive("latency", "batch_size", self.batch_size)
         _positive("latency", "threads", self.threads)
         _positive("latency", "repeats", self.repeats)
+        _choice("latency", "cost", self.cost, ("average",))
 
 
 @dataclass

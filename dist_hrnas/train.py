@@ -8,6 +8,7 @@ import argparse
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,8 +23,10 @@ from dist_hrnas.data import Datasets, build_datasets, build_loaders
 from dist_hrnas.errors import UserError, exits_cleanly_on_user_error
 from dist_hrnas.fileio import atomic_write_json
 from dist_hrnas.metrics import NullWriter, get_logger, make_writer
-from dist_hrnas.models import HRNet, build_model, count_macs, count_params
+from dist_hrnas.models import HRNet, build_model, count_macs, count_params, export_arch, save_arch_file
 from dist_hrnas.optim import ModelEma, build_optimizer, build_scheduler, scaled_lr
+from dist_hrnas.search import Search
+from dist_hrnas.surgery import ShrinkResult, carry_optimizer_state
 
 
 def resolve_run_dir(cfg: Config) -> Path:
@@ -58,11 +61,34 @@ def evaluate(model: nn.Module, loader, device: torch.device) -> tuple[float, flo
     return totals[0].item() / count, totals[1].item() / count
 
 
-def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, ema: ModelEma | None, cfg: Config,
-                    ctx: distributed.DistContext, writer: NullWriter, epoch: int, step: int) -> int:
-    """One pass over the training shard; returns the global step after it."""
+@dataclass
+class TrainState:
+    """Everything a shrink rebuilds: the model is shrunk in place, the rest is rebuilt around it."""
+
+    model: HRNet
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    ema: ModelEma | None
+    lr: float
+    steps_per_epoch: int
+    step: int = 0
+
+
+def rebuild_after_shrink(state: TrainState, cfg: Config, result: ShrinkResult,
+                         old_params: dict[str, nn.Parameter]) -> None:
+    """New optimizer on the shrunk parameters with the surviving state sliced over; scheduler at the same step."""
+    optimizer = build_optimizer(state.model, cfg.train, state.lr)
+    carry_optimizer_state(state.optimizer, old_params, optimizer, state.model, result)
+    state.optimizer = optimizer
+    state.scheduler = build_scheduler(optimizer, cfg.train, state.steps_per_epoch, last_step=state.step - 1)
+
+
+def train_one_epoch(state: TrainState, loader, search: Search | None, cfg: Config, ctx: distributed.DistContext,
+                    writer: NullWriter, epoch: int) -> None:
+    """One pass over this rank's training shard."""
+    model = state.model
     model.train()
-    steps = len(loader) if not cfg.train.max_steps_per_epoch else min(len(loader), cfg.train.max_steps_per_epoch)
+    steps = state.steps_per_epoch
     bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False,
                disable=not (ctx.is_main and cfg.log.progress), file=sys.stdout)
     tick = time.perf_counter()
@@ -70,31 +96,33 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, ema: ModelEm
         if i >= steps:
             break
         images, labels = images.to(ctx.device, non_blocking=True), labels.to(ctx.device, non_blocking=True)
-        logits = model(images)
-        loss = F.cross_entropy(logits, labels, label_smoothing=cfg.train.label_smoothing)
+        loss = F.cross_entropy(model(images), labels, label_smoothing=cfg.train.label_smoothing)
         if not torch.isfinite(loss):
-            raise RuntimeError(f"non-finite loss {loss.item()} at step {step} on rank {ctx.rank}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        if ema is not None:
-            ema.update(model)
-        step += 1
+            raise RuntimeError(f"non-finite loss {loss.item()} at step {state.step} on rank {ctx.rank}")
+        rho = search.rho(state.step / steps) if search else 0.0
+        l1 = search.penalty(rho) if search else None
+        state.optimizer.zero_grad(set_to_none=True)
+        (loss + l1 if l1 is not None else loss).backward()
+        state.optimizer.step()
+        state.scheduler.step()
+        if state.ema is not None:
+            state.ema.update(model)
+        state.step += 1
         bar.update(1)
-        if step % cfg.train.log_every == 0 or i == steps - 1:
-            stats = distributed.all_reduce_mean_(loss.detach().float().reshape(1).cpu())
-            elapsed = time.perf_counter() - tick
-            writer.scalar("train/loss", stats.item(), step)
-            writer.scalar("train/lr", optimizer.param_groups[0]["lr"], step)
-            writer.scalar("train/samples_per_s", (i + 1) * images.shape[0] * ctx.world_size / elapsed, step)
-            bar.set_postfix(loss=f"{stats.item():.3f}")
+        if state.step % cfg.train.log_every == 0 or i == steps - 1:
+            mean_loss = distributed.all_reduce_mean_(loss.detach().float().reshape(1).cpu()).item()
+            writer.scalar("train/loss", mean_loss, state.step)
+            writer.scalar("train/lr", state.optimizer.param_groups[0]["lr"], state.step)
+            writer.scalar("train/samples_per_s",
+                          (i + 1) * images.shape[0] * ctx.world_size / (time.perf_counter() - tick), state.step)
+            if search:
+                search.log(writer, model, state.step, rho, l1.item() if l1 is not None else 0.0)
+            bar.set_postfix(loss=f"{mean_loss:.3f}")
     bar.close()
-    return step
 
 
 def run(cfg: Config, ctx: distributed.DistContext) -> dict:
-    """The whole training job on this rank; returns the summary (written to summary.json by rank 0)."""
+    """The whole job on this rank; returns the summary (written to summary.json by rank 0)."""
     log = get_logger(ctx.is_main)
     run_dir = resolve_run_dir(cfg)
     if ctx.is_main:
@@ -108,6 +136,12 @@ def run(cfg: Config, ctx: distributed.DistContext) -> dict:
     model.to(ctx.device)
     params, macs = count_params(model), sum(count_macs(model, data.channels, data.image_size).values())
     log.info(f"model: {params:,} params, {macs:,} MACs at {data.image_size}px; run dir {run_dir}")
+    search = None
+    if cfg.prune.penalty != "none":
+        search = Search(cfg, model, data.image_size, run_dir)
+        log.info(f"search: penalty {cfg.prune.penalty}, {len(search.registry.entries)} prunable branches, "
+                 f"supernet {search.latency_ms_supernet:.3f} ms on {cfg.latency.device} "
+                 f"(batch {cfg.latency.batch_size})")
 
     train_loader, val_loader, sampler = build_loaders(
         data, cfg.train.batch_size_per_rank, cfg.data.num_workers, cfg.train.seed, ctx.rank, ctx.world_size)
@@ -115,33 +149,59 @@ def run(cfg: Config, ctx: distributed.DistContext) -> dict:
         len(train_loader), cfg.train.max_steps_per_epoch)
     lr = scaled_lr(cfg.train, cfg.train.batch_size_per_rank * ctx.world_size)
     optimizer = build_optimizer(model, cfg.train, lr)
-    scheduler = build_scheduler(optimizer, cfg.train, steps_per_epoch)
-    ema = ModelEma(model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+    state = TrainState(model, optimizer, build_scheduler(optimizer, cfg.train, steps_per_epoch),
+                       ModelEma(model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None, lr, steps_per_epoch)
     writer = make_writer(run_dir, cfg.log.tensorboard, ctx.is_main)
     writer.scalar("dist/world_size", ctx.world_size, 0)
 
-    step, top1, val_loss = 0, math.nan, math.nan
+    top1, val_loss = math.nan, math.nan
     started = time.perf_counter()
+
+    def validate(epoch: int) -> tuple[float, float]:
+        distributed.sync_bn_buffers_(model)
+        result = evaluate(state.ema.module if state.ema else model, val_loader, ctx.device)
+        writer.scalar("val/top1", result[0], state.step)
+        writer.scalar("val/loss", result[1], state.step)
+        log.info(f"epoch {epoch + 1}/{cfg.train.epochs} step {state.step}: val top1 {result[0]:.4f} "
+                 f"loss {result[1]:.4f}")
+        return result
+
     try:
         for epoch in range(cfg.train.epochs):
             if sampler is not None:
                 sampler.set_epoch(epoch)
-            step = train_one_epoch(model, train_loader, optimizer, scheduler, ema, cfg, ctx, writer, epoch, step)
+            train_one_epoch(state, train_loader, search, cfg, ctx, writer, epoch)
             last = epoch == cfg.train.epochs - 1
             if last or (epoch + 1) % cfg.train.eval_every == 0:
-                distributed.sync_bn_buffers_(model)
-                top1, val_loss = evaluate(ema.module if ema else model, val_loader, ctx.device)
-                writer.scalar("val/top1", top1, step)
-                writer.scalar("val/loss", val_loss, step)
-                log.info(f"epoch {epoch + 1}/{cfg.train.epochs} step {step}: val top1 {top1:.4f} "
-                         f"loss {val_loss:.4f}")
+                top1, val_loss = validate(epoch)
+                if search and search.after_eval(
+                        model, state.ema.module if state.ema else None, last, state.step, epoch,
+                        lambda result, old: rebuild_after_shrink(state, cfg, result, old),
+                        lambda: train_loader, writer):
+                    rec = search.shrinks[-1]
+                    log.info(f"shrink {len(search.shrinks)}: -{rec.channels_removed} channels, predicted "
+                             f"{rec.latency_ms_predicted_after:.3f} ms, measured {rec.latency_ms_measured_after:.3f} ms")
+                    if ctx.is_main:
+                        save_arch_file(export_arch(model), run_dir / "searched_arch.yaml")
+                    if last:  # report the accuracy of the network the search hands over
+                        top1, val_loss = validate(epoch)
     finally:
         writer.close()
 
     summary = {"val_top1": top1, "val_loss": val_loss, "params": params, "macs": macs,
-               "world_size": ctx.world_size, "epochs": cfg.train.epochs, "steps": step,
+               "world_size": ctx.world_size, "epochs": cfg.train.epochs, "steps": state.step,
                "wall_time_s": round(time.perf_counter() - started, 2)}
+    if search:
+        summary |= {"penalty": cfg.prune.penalty, "shrinks": len(search.shrinks),
+                    "latency_ms_supernet": round(search.latency_ms_supernet, 4),
+                    "latency_ms_searched": round(search.latency_ms_measured, 4),
+                    "latency_ms_searched_predicted": round(search.predicted_ms(model), 4),
+                    "params_searched": count_params(model),
+                    "macs_searched": sum(count_macs(model, data.channels, data.image_size).values()),
+                    "latency_device": cfg.latency.device, "latency_batch_size": cfg.latency.batch_size}
     if ctx.is_main:
+        if search:
+            save_arch_file(export_arch(model), run_dir / "searched_arch.yaml")
         atomic_write_json(run_dir / "summary.json", summary)
         log.info(f"done: val top1 {top1:.4f}; summary in {run_dir / 'summary.json'}")
     return summary

@@ -1,0 +1,175 @@
+"""The search's prune state: which BN scales are penalised, how much, when rho ramps, what is dead.
+
+Registry entries are keyed by branch (``block:k<kernel>``), which survives surgery even when branch
+indices shift. Penalties follow HR-NAS's normalisation: penalty_b = c_b / (sum_b h_b c_b / sum_b h_b), so an
+average channel has penalty 1 whatever the unit of c (seconds, MACs, or 1 for ``equal``), and rho keeps
+its meaning across modes.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from dist_hrnas.config import PruneConfig
+from dist_hrnas.latency import LatencyProfile, branch_key
+from dist_hrnas.models import HRNet
+from dist_hrnas.models.counting import macs_under
+
+
+@dataclass
+class PrunableBranch:
+    """One kernel branch whose depthwise-BN scales the search penalises."""
+
+    key: str
+    block: str
+    kernel: int
+    width: int
+    seconds_per_channel: float
+    macs_per_channel: float
+    penalty: float = 1.0
+
+
+def rho_at(cfg: PruneConfig, epoch: float) -> float:
+    """Linear warm-up: 0 before epoch_free, rising to rho at epoch_warmup, then rho.
+
+    ``epoch`` is fractional (step / steps_per_epoch); with ``stepwise`` off it is floored to whole epochs.
+    """
+    if cfg.penalty == "none":
+        return 0.0
+    if not cfg.stepwise:
+        epoch = math.floor(epoch)
+    if epoch < cfg.epoch_free:
+        return 0.0
+    if cfg.epoch_warmup > cfg.epoch_free and epoch < cfg.epoch_warmup:
+        return cfg.rho * (epoch - cfg.epoch_free) / (cfg.epoch_warmup - cfg.epoch_free)
+    return cfg.rho
+
+
+def normalised_penalties(costs: list[float], widths: list[int]) -> list[float]:
+    """c_b / (sum h_b c_b / sum h_b): the channel-weighted mean cost maps to 1."""
+    total_width = sum(widths)
+    normaliser = sum(c * h for c, h in zip(costs, widths)) / total_width if total_width else 0.0
+    if normaliser <= 0:
+        return [1.0 for _ in costs]
+    return [c / normaliser for c in costs]
+
+
+class PruneRegistry:
+    """The prunable depthwise BNs of a model with their per-channel costs and penalties."""
+
+    def __init__(self, cfg: PruneConfig, entries: list[PrunableBranch]):
+        self.cfg = cfg
+        self.entries = {e.key: e for e in entries}
+        self.renormalise()
+
+    @classmethod
+    def build(cls, cfg: PruneConfig, model: HRNet, macs: dict[str, int], profile: LatencyProfile) -> "PruneRegistry":
+        """Every branch of every block (but the first non-expanding one when ``skip_expand1``)."""
+        entries = []
+        skipped = False
+        for name, block in model.named_blocks():
+            if cfg.skip_expand1 and not block.expand and not skipped:
+                skipped = True
+                continue
+            for i, branch in enumerate(block.branches):
+                key = branch_key(name, branch.kernel)
+                entries.append(PrunableBranch(
+                    key=key, block=name, kernel=branch.kernel, width=branch.hidden,
+                    seconds_per_channel=profile.per_channel_s(key),
+                    macs_per_channel=macs_under(macs, f"{name}.branches.{i}") / branch.hidden))
+        return cls(cfg, entries)
+
+    def renormalise(self) -> None:
+        entries = list(self.entries.values())
+        if self.cfg.penalty == "seconds":
+            costs = [e.seconds_per_channel for e in entries]
+        elif self.cfg.penalty == "macs":
+            costs = [e.macs_per_channel for e in entries]
+        else:
+            costs = [1.0 for _ in entries]
+        for e, p in zip(entries, normalised_penalties(costs, [e.width for e in entries])):
+            e.penalty = p
+
+    def bns(self, model: HRNet) -> list[tuple[PrunableBranch, nn.BatchNorm2d]]:
+        """(entry, depthwise BN) pairs for the model as it is now."""
+        out = []
+        for name, block in model.named_blocks():
+            for branch in block.branches:
+                entry = self.entries.get(branch_key(name, branch.kernel))
+                if entry is not None:
+                    out.append((entry, branch.dw_bn))
+        return out
+
+    def l1_loss(self, pairs: list[tuple[PrunableBranch, nn.BatchNorm2d]]) -> torch.Tensor:
+        """sum_b penalty_b * sum |gamma_b| (multiply by rho outside)."""
+        terms = [e.penalty * bn.weight.abs().sum() for e, bn in pairs]
+        return torch.stack(terms).sum() if terms else torch.zeros(())
+
+    @torch.no_grad()
+    def masks(self, model: HRNet, ema_model: HRNet | None = None, ema_only: bool = False) -> dict[str, list[torch.Tensor]]:
+        """Keep-masks per block (one per branch) for blocks where some registered channel is dead.
+
+        A channel lives if its gamma or its EMA gamma is above the threshold; ``ema_only`` (the last
+        epoch) lets the EMA value alone decide. Unregistered branches are kept whole.
+        """
+        thr = self.cfg.threshold
+        ema_blocks = dict(ema_model.named_blocks()) if ema_model is not None else {}
+        out: dict[str, list[torch.Tensor]] = {}
+        for name, block in model.named_blocks():
+            block_masks, any_dead = [], False
+            for i, branch in enumerate(block.branches):
+                if branch_key(name, branch.kernel) not in self.entries:
+                    block_masks.append(torch.ones(branch.hidden, dtype=torch.bool))
+                    continue
+                live = branch.dw_bn.weight.detach().abs().cpu() > thr
+                if name in ema_blocks:
+                    ema_live = ema_blocks[name].branches[i].dw_bn.weight.detach().abs().cpu() > thr
+                    live = ema_live if ema_only else (live | ema_live)
+                any_dead |= not bool(live.all())
+                block_masks.append(live)
+            if any_dead:
+                out[name] = block_masks
+        return out
+
+    def pruned_seconds(self, model: HRNet, masks: dict[str, list[torch.Tensor]]) -> float:
+        """Predicted seconds the dead channels cost: sum of dead channels x per-channel seconds."""
+        total = 0.0
+        blocks = dict(model.named_blocks())
+        for name, block_masks in masks.items():
+            for branch, mask in zip(blocks[name].branches, block_masks):
+                entry = self.entries.get(branch_key(name, branch.kernel))
+                if entry is not None:
+                    total += int((~mask).sum()) * entry.seconds_per_channel
+        return total
+
+    def update_after_shrink(self, model: HRNet) -> None:
+        """Drop removed branches, record new widths, renormalise (registry carried through surgery)."""
+        alive = {}
+        for name, block in model.named_blocks():
+            for branch in block.branches:
+                key = branch_key(name, branch.kernel)
+                if key in self.entries:
+                    self.entries[key].width = branch.hidden
+                    alive[key] = self.entries[key]
+        self.entries = alive
+        self.renormalise()
+
+    def channels_alive(self, pairs: list[tuple[PrunableBranch, nn.BatchNorm2d]]) -> int:
+        return sum(int((bn.weight.detach().abs() > self.cfg.threshold).sum()) for _, bn in pairs)
+
+    def state_dict(self) -> dict:
+        return {"entries": [asdict(e) for e in self.entries.values()]}
+
+    @classmethod
+    def from_state_dict(cls, cfg: PruneConfig, state: dict) -> "PruneRegistry":
+        return cls(cfg, [PrunableBranch(**e) for e in state["entries"]])
+
+
+def should_shrink(cfg: PruneConfig, pruned_seconds: float, dead_channels: int, last_epoch: bool) -> bool:
+    """Shrink once the dead channels are worth ``shrink_delta_seconds`` (and exist), or at the last epoch."""
+    if cfg.penalty == "none" or dead_channels == 0:
+        return False
+    return last_epoch or pruned_seconds >= cfg.shrink_delta_seconds

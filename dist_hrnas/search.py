@@ -1,0 +1,180 @@
+"""The search around the training loop: latency profile, L1 penalty, shrink decisions and shrinks.
+
+:class:`Search` owns the prune registry and the latency profile. The training loop asks it for the
+penalty each step and calls :meth:`Search.after_eval` after each validation; a shrink is
+mask (rank 0) -> broadcast -> identical surgery on every rank (model, EMA, optimizer state, registry)
+-> BN re-calibration -> end-to-end latency (rank 0) -> ``shrinks.jsonl``.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from dist_hrnas import distributed
+from dist_hrnas.config import Config
+from dist_hrnas.latency import (LatencyProfile, Timer, measure_network_on_rank0, profile_on_rank0)
+from dist_hrnas.metrics import NullWriter
+from dist_hrnas.models import HRNet, count_macs
+from dist_hrnas.prune import PruneRegistry, rho_at, should_shrink
+from dist_hrnas.surgery import ShrinkResult, shrink_model
+
+
+@dataclass
+class ShrinkRecord:
+    """One line of ``shrinks.jsonl``."""
+
+    step: int
+    epoch: int
+    channels_removed: int
+    widths: dict[str, list[int]]
+    kernel_sizes: dict[str, list[int]]
+    latency_ms_predicted_before: float
+    latency_ms_predicted_after: float
+    latency_ms_measured_after: float
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        data = {k: v for k, v in self.__dict__.items() if k != "extra"}
+        return json.dumps(data | self.extra)
+
+
+def flatten_masks(model: HRNet, masks: dict[str, list[torch.Tensor]]) -> torch.Tensor:
+    """All branches' keep-masks in model order as one bool tensor (blocks without a mask: all kept)."""
+    parts = []
+    for name, block in model.named_blocks():
+        given = masks.get(name)
+        for i, branch in enumerate(block.branches):
+            parts.append(given[i] if given is not None else torch.ones(branch.hidden, dtype=torch.bool))
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
+
+
+def unflatten_masks(model: HRNet, flat: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+    """Inverse of :func:`flatten_masks`; keeps only blocks where something is dropped."""
+    out, offset = {}, 0
+    for name, block in model.named_blocks():
+        block_masks = []
+        for branch in block.branches:
+            block_masks.append(flat[offset:offset + branch.hidden].clone())
+            offset += branch.hidden
+        if any(not bool(m.all()) for m in block_masks):
+            out[name] = block_masks
+    return out
+
+
+def broadcast_masks(model: HRNet, masks: dict[str, list[torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
+    """Rank 0's masks on every rank, as one flat bool tensor (sizes follow from the shared architecture)."""
+    flat = flatten_masks(model, masks).to(torch.uint8)
+    distributed.broadcast_(flat, src=0)
+    return unflatten_masks(model, flat.bool())
+
+
+@torch.no_grad()
+def calibrate_bn(model: nn.Module, batches: Iterable, steps: int, device: torch.device) -> None:
+    """Re-estimate BN running statistics as a plain average over ``steps`` training batches."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average
+    was_training = model.training
+    model.train()
+    for i, (images, _labels) in enumerate(batches):
+        if i >= steps:
+            break
+        model(images.to(device))
+    for bn, m in zip(bns, momenta):
+        bn.momentum = m
+    model.train(was_training)
+
+
+class Search:
+    """Search state for one run; identical on every rank (rank 0 measures and decides, others receive)."""
+
+    def __init__(self, cfg: Config, model: HRNet, image_size: int, run_dir: Path, timer: Timer | None = None):
+        self.cfg, self.image_size, self.run_dir, self.timer = cfg, image_size, run_dir, timer
+        self.enabled = cfg.prune.penalty != "none"
+        self.profile: LatencyProfile = profile_on_rank0(model, image_size, cfg.latency, timer)
+        self.latency_ms_supernet = self.profile.network_s * 1e3
+        macs = count_macs(model, model.spec.image_channels, image_size)
+        self.registry = PruneRegistry.build(cfg.prune, model, macs, self.profile)
+        self.pairs = self.registry.bns(model)
+        self.supernet_predicted_s = self.profile.predict_s(model)
+        self.shrinks: list[ShrinkRecord] = []
+        self.latency_ms_measured = self.latency_ms_supernet
+
+    # ---- per step
+    def rho(self, epoch_float: float) -> float:
+        return rho_at(self.cfg.prune, epoch_float) if self.enabled else 0.0
+
+    def penalty(self, rho: float) -> torch.Tensor | None:
+        """rho * sum_b penalty_b * sum |gamma_b|, or None when there is nothing to add."""
+        if not self.enabled or rho == 0.0 or not self.pairs:
+            return None
+        return rho * self.registry.l1_loss(self.pairs)
+
+    def predicted_ms(self, model: HRNet) -> float:
+        return self.profile.predict_s(model) * 1e3
+
+    def log(self, writer: NullWriter, model: HRNet, step: int, rho: float, l1: float) -> None:
+        """Pruned-seconds schedule and registry scalars (masks computed from the current scales)."""
+        if not self.enabled:
+            return
+        dead_s = self.registry.pruned_seconds(model, self.registry.masks(model))
+        now_ms = self.predicted_ms(model) - dead_s * 1e3
+        writer.scalar("train/bn_l1_loss", l1, step)
+        writer.scalar("prune/rho", rho, step)
+        writer.scalar("prune/seconds_pruned", self.supernet_predicted_s - now_ms / 1e3, step)
+        writer.scalar("prune/latency_ms_predicted", now_ms, step)
+        writer.scalar("prune/channels_alive", self.registry.channels_alive(self.pairs), step)
+
+    # ---- per evaluation
+    def after_eval(self, model: HRNet, ema_model: HRNet | None, last_epoch: bool, step: int, epoch: int,
+                   rebuild: Callable[[ShrinkResult, dict[str, torch.nn.Parameter]], None],
+                   calibration_batches: Callable[[], Iterable], writer: NullWriter) -> bool:
+        """Decide (rank 0) and, if due, shrink on every rank. Returns whether a shrink happened.
+
+        ``rebuild(result, old_params)`` rebuilds the optimizer (carrying sliced state), scheduler and
+        wrapper around the shrunk model: the training loop owns those.
+        """
+        if not self.enabled:
+            return False
+        writer.histogram("bn_scale/all", torch.cat([bn.weight.detach().abs().cpu() for _, bn in self.pairs])
+                         if self.pairs else torch.zeros(1), step)
+        distributed.sync_bn_buffers_(model)
+        masks = self.registry.masks(model, ema_model, ema_only=last_epoch and ema_model is not None)
+        masks = broadcast_masks(model, masks)
+        dead = sum(int((~m).sum()) for ms in masks.values() for m in ms)
+        pruned_s = self.registry.pruned_seconds(model, masks)
+        if not should_shrink(self.cfg.prune, pruned_s, dead, last_epoch):
+            return False
+        before_ms = self.predicted_ms(model)
+        old_params = dict(model.named_parameters())
+        result = shrink_model(model, masks)
+        if ema_model is not None:
+            shrink_model(ema_model, masks)
+        self.registry.update_after_shrink(model)
+        self.pairs = self.registry.bns(model)
+        rebuild(result, old_params)
+        if self.cfg.prune.bn_calibration_steps:
+            calibrate_bn(model, calibration_batches(), self.cfg.prune.bn_calibration_steps,
+                         next(model.parameters()).device)
+        self.latency_ms_measured = measure_network_on_rank0(model, self.image_size, self.cfg.latency,
+                                                            self.timer) * 1e3
+        blocks = model.named_blocks()
+        record = ShrinkRecord(step=step, epoch=epoch + 1, channels_removed=dead,
+                              widths={n: b.widths for n, b in blocks}, kernel_sizes={n: b.kernel_sizes for n, b in blocks},
+                              latency_ms_predicted_before=round(before_ms, 4),
+                              latency_ms_predicted_after=round(self.predicted_ms(model), 4),
+                              latency_ms_measured_after=round(self.latency_ms_measured, 4))
+        self.shrinks.append(record)
+        writer.scalar("prune/shrink", len(self.shrinks), step)
+        writer.scalar("prune/latency_ms_measured", self.latency_ms_measured, step)
+        if distributed.rank() == 0:
+            with open(self.run_dir / "shrinks.jsonl", "a") as f:
+                f.write(record.to_json() + "\n")
+        return True
