@@ -121,6 +121,8 @@ class TrainConfig:
     log_every: int = _f(10, "Log training scalars every N steps.")
     max_steps_per_epoch: int = _f(0, "Cut every epoch after N steps (0 = whole epoch); for smoke tests.")
     seed: int = _f(0, "Seed of weights init, data order and dropout.")
+    grad_accum_steps: int = _f(1, "Split each rank's batch into N micro-batches, communicating gradients once.")
+    bf16: bool = _f(True, "bf16 autocast on CUDA (ignored on CPU).")
 
     def __post_init__(self) -> None:
         _choice("train", "optimizer", self.optimizer, ("sgd", "rmsprop", "adamw"))
@@ -130,6 +132,10 @@ class TrainConfig:
         _positive("train", "lr", self.lr)
         _positive("train", "eval_every", self.eval_every)
         _positive("train", "log_every", self.log_every)
+        _positive("train", "grad_accum_steps", self.grad_accum_steps)
+        if self.batch_size_per_rank % self.grad_accum_steps:
+            raise ConfigError(f"train.grad_accum_steps ({self.grad_accum_steps}) must divide "
+                              f"train.batch_size_per_rank ({self.batch_size_per_rank})")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"train.ema_decay: must be in [0, 1), got {self.ema_decay}")
 

@@ -8,12 +8,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, TensorDataset
 
 from dist_hrnas.config import DataConfig
 from dist_hrnas.errors import UserError
@@ -225,18 +226,31 @@ def _seed_worker(worker_id: int) -> None:
     np.random.seed(torch.initial_seed() % 2**32)
 
 
+class ShardSampler(Sampler[int]):
+    """Indices rank, rank + world, rank + 2*world, ...: disjoint shards, no padding, fixed order."""
+
+    def __init__(self, length: int, rank: int, world_size: int):
+        self.indices = list(range(rank, length, world_size))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
 def build_loaders(ds: Datasets, batch_size: int, num_workers: int, seed: int,
                   rank: int = 0, world_size: int = 1,
                   ) -> tuple[DataLoader, DataLoader, DistributedSampler | None]:
     """Train and val loaders for one rank, plus the train sampler (call ``set_epoch`` on it) or None."""
     train_sampler: DistributedSampler | None = None
-    val_sampler: DistributedSampler | None = None
+    val_sampler: ShardSampler | None = None
     if world_size > 1:
         train_sampler = DistributedSampler(ds.train, num_replicas=world_size, rank=rank, shuffle=True,
                                            seed=seed, drop_last=True)
-        # No dropping for val: every sample is evaluated (the sampler pads the last shard with repeats).
-        val_sampler = DistributedSampler(ds.val, num_replicas=world_size, rank=rank, shuffle=False,
-                                         drop_last=False)
+        # Not DistributedSampler for val: it pads the last shard with repeats, which the summed
+        # accuracy would then count twice. Strided shards cover every sample exactly once.
+        val_sampler = ShardSampler(len(ds.val), rank, world_size)  # type: ignore[arg-type]
     # The generator orders the data when there is no sampler and, in every case, draws the workers' base
     # seed; adding the rank keeps augmentation streams different across ranks.
     generator = torch.Generator().manual_seed(seed + rank)

@@ -18,6 +18,14 @@ class ConfigError(UserError):
     """A config file or override that cannot be turned into a valid :class:`Config`."""
 
 
+class NonFiniteLossError(UserError):
+    """A NaN/inf loss on some rank: every rank raises it together; the last good checkpoint is kept."""
+
+
+class ConsistencyError(UserError):
+    """Ranks ended a shrink with different architectures or parameters: all ranks abort together."""
+
+
 def exits_cleanly_on_user_error(main: F) -> F:
     """Wrap a CLI ``main`` so that a :class:`UserError` prints one line and exits with code 2.
 

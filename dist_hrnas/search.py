@@ -7,6 +7,7 @@ mask (rank 0) -> broadcast -> identical surgery on every rank (model, EMA, optim
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,8 @@ from dist_hrnas import distributed
 from dist_hrnas.config import Config
 from dist_hrnas.latency import (LatencyProfile, Timer, measure_network_on_rank0, profile_on_rank0)
 from dist_hrnas.metrics import NullWriter
-from dist_hrnas.models import HRNet, count_macs
+from dist_hrnas.errors import ConsistencyError
+from dist_hrnas.models import HRNet, count_macs, export_arch
 from dist_hrnas.prune import PruneRegistry, rho_at, should_shrink
 from dist_hrnas.surgery import ShrinkResult, shrink_model
 
@@ -71,6 +73,29 @@ def broadcast_masks(model: HRNet, masks: dict[str, list[torch.Tensor]]) -> dict[
     flat = flatten_masks(model, masks).to(torch.uint8)
     distributed.broadcast_(flat, src=0)
     return unflatten_masks(model, flat.bool())
+
+
+def model_hashes(model: HRNet) -> tuple[str, str]:
+    """(architecture hash, parameter-and-buffer hash) of the model as it is now."""
+    arch = hashlib.sha256(json.dumps(export_arch(model), sort_keys=True).encode()).hexdigest()[:16]
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return arch, h.hexdigest()[:16]
+
+
+def check_same_on_all_ranks(model: HRNet, step: int) -> tuple[str, list[str]]:
+    """All-gather every rank's hashes after surgery; every rank raises together if any differs."""
+    arch, params = model_hashes(model)
+    gathered = distributed.all_gather_object((arch, params))
+    if len(set(gathered)) > 1:
+        ref = gathered[0]
+        bad = [r for r, g in enumerate(gathered) if g != ref]
+        what = "architecture" if len({g[0] for g in gathered}) > 1 else "parameters"
+        raise ConsistencyError(f"ranks disagree after the shrink at step {step}: {what} of rank(s) {bad} differ "
+                               f"from rank 0 (hashes {[g[0] + '/' + g[1] for g in gathered]}); aborting all ranks")
+    return arch, [g[1] for g in gathered]
 
 
 @torch.no_grad()
@@ -157,12 +182,14 @@ class Search:
         result = shrink_model(model, masks)
         if ema_model is not None:
             shrink_model(ema_model, masks)
+        arch_hash, rank_hashes = check_same_on_all_ranks(model, step)
         self.registry.update_after_shrink(model)
         self.pairs = self.registry.bns(model)
         rebuild(result, old_params)
         if self.cfg.prune.bn_calibration_steps:
             calibrate_bn(model, calibration_batches(), self.cfg.prune.bn_calibration_steps,
                          next(model.parameters()).device)
+            distributed.sync_bn_buffers_(model)  # each rank calibrated on its own shard
         self.latency_ms_measured = measure_network_on_rank0(model, self.image_size, self.cfg.latency,
                                                             self.timer) * 1e3
         blocks = model.named_blocks()
@@ -170,7 +197,8 @@ class Search:
                               widths={n: b.widths for n, b in blocks}, kernel_sizes={n: b.kernel_sizes for n, b in blocks},
                               latency_ms_predicted_before=round(before_ms, 4),
                               latency_ms_predicted_after=round(self.predicted_ms(model), 4),
-                              latency_ms_measured_after=round(self.latency_ms_measured, 4))
+                              latency_ms_measured_after=round(self.latency_ms_measured, 4),
+                              extra={"arch_hash": arch_hash, "rank_hashes": rank_hashes})
         self.shrinks.append(record)
         writer.scalar("prune/shrink", len(self.shrinks), step)
         writer.scalar("prune/latency_ms_measured", self.latency_ms_measured, step)

@@ -5,6 +5,7 @@ Read top to bottom: set up -> per epoch: train, validate -> write summary.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 import time
@@ -20,7 +21,8 @@ from dist_hrnas import distributed
 from dist_hrnas.cli import add_config_args, config_from_args
 from dist_hrnas.config import Config, save_config
 from dist_hrnas.data import Datasets, build_datasets, build_loaders
-from dist_hrnas.errors import UserError, exits_cleanly_on_user_error
+from dist_hrnas.engine import LocalEngine, make_engine
+from dist_hrnas.errors import NonFiniteLossError, UserError, exits_cleanly_on_user_error
 from dist_hrnas.fileio import atomic_write_json
 from dist_hrnas.metrics import NullWriter, get_logger, make_writer
 from dist_hrnas.models import HRNet, build_model, count_macs, count_params, export_arch, save_arch_file
@@ -68,19 +70,65 @@ class TrainState:
     model: HRNet
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    engine: LocalEngine
     ema: ModelEma | None
     lr: float
     steps_per_epoch: int
     step: int = 0
 
 
-def rebuild_after_shrink(state: TrainState, cfg: Config, result: ShrinkResult,
+def build_state(cfg: Config, ctx: distributed.DistContext, model: HRNet, lr: float, steps_per_epoch: int,
+                ema: ModelEma | None, step: int = 0) -> TrainState:
+    optimizer = build_optimizer(model, cfg.train, lr)
+    scheduler = build_scheduler(optimizer, cfg.train, steps_per_epoch, last_step=step - 1)
+    engine = make_engine(cfg.dist.engine, model, optimizer, ctx)
+    return TrainState(model, optimizer, scheduler, engine, ema, lr, steps_per_epoch, step)
+
+
+def rebuild_after_shrink(state: TrainState, cfg: Config, ctx: distributed.DistContext, result: ShrinkResult,
                          old_params: dict[str, nn.Parameter]) -> None:
-    """New optimizer on the shrunk parameters with the surviving state sliced over; scheduler at the same step."""
-    optimizer = build_optimizer(state.model, cfg.train, state.lr)
-    carry_optimizer_state(state.optimizer, old_params, optimizer, state.model, result)
-    state.optimizer = optimizer
-    state.scheduler = build_scheduler(optimizer, cfg.train, state.steps_per_epoch, last_step=state.step - 1)
+    """New optimizer (surviving state sliced over), scheduler at the same step, and a *new* engine."""
+    old_optimizer = state.optimizer
+    state.engine.release()
+    state.engine = None  # type: ignore[assignment]  # let the old DDP reducer go before building the new one
+    fresh = build_state(cfg, ctx, state.model, state.lr, state.steps_per_epoch, state.ema, state.step)
+    carry_optimizer_state(old_optimizer, old_params, fresh.optimizer, state.model, result)
+    state.optimizer, state.scheduler, state.engine = fresh.optimizer, fresh.scheduler, fresh.engine
+
+
+def check_finite(loss: torch.Tensor, state: TrainState, ctx: distributed.DistContext) -> None:
+    """Every rank learns whether any rank's loss is non-finite, so all stop together (never a hang)."""
+    bad = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0 + ctx.rank], dtype=torch.float64)
+    distributed.all_reduce_max_(bad)
+    if bad.item() > 0:
+        raise NonFiniteLossError(f"non-finite loss at step {state.step} on rank {int(bad.item()) - 1}")
+
+
+def forward_backward(state: TrainState, search: Search | None, cfg: Config, ctx: distributed.DistContext,
+                     images: torch.Tensor, labels: torch.Tensor, rho: float,
+                     accum: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Loss (+ rho-weighted L1) and gradients for one batch, split into ``accum`` micro-batches.
+
+    All but the last micro-batch run under ``no_sync`` so gradients are communicated once per step.
+    """
+    losses, l1 = [], None
+    chunks = list(zip(images.chunk(accum), labels.chunk(accum)))
+    for j, (x, y) in enumerate(chunks):
+        sync = contextlib.nullcontext() if j == len(chunks) - 1 else state.engine.no_sync()
+        with sync, autocast(ctx.device, cfg.train.bf16):
+            loss = F.cross_entropy(state.engine(x), y, label_smoothing=cfg.train.label_smoothing)
+            l1 = search.penalty(rho) if search else None
+            total = loss + l1 if l1 is not None else loss
+        state.engine.backward(total / len(chunks))
+        losses.append(loss.detach())
+    return torch.stack(losses).mean(), l1
+
+
+def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA when asked; CPU trains in fp32 (CPU autocast is slower here, not faster)."""
+    if bf16 and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def train_one_epoch(state: TrainState, loader, search: Search | None, cfg: Config, ctx: distributed.DistContext,
@@ -88,6 +136,7 @@ def train_one_epoch(state: TrainState, loader, search: Search | None, cfg: Confi
     """One pass over this rank's training shard."""
     model = state.model
     model.train()
+    accum = cfg.train.grad_accum_steps
     steps = state.steps_per_epoch
     bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False,
                disable=not (ctx.is_main and cfg.log.progress), file=sys.stdout)
@@ -96,14 +145,10 @@ def train_one_epoch(state: TrainState, loader, search: Search | None, cfg: Confi
         if i >= steps:
             break
         images, labels = images.to(ctx.device, non_blocking=True), labels.to(ctx.device, non_blocking=True)
-        loss = F.cross_entropy(model(images), labels, label_smoothing=cfg.train.label_smoothing)
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"non-finite loss {loss.item()} at step {state.step} on rank {ctx.rank}")
         rho = search.rho(state.step / steps) if search else 0.0
-        l1 = search.penalty(rho) if search else None
-        state.optimizer.zero_grad(set_to_none=True)
-        (loss + l1 if l1 is not None else loss).backward()
-        state.optimizer.step()
+        loss, l1 = forward_backward(state, search, cfg, ctx, images, labels, rho, accum)
+        check_finite(loss, state, ctx)
+        state.engine.step()
         state.scheduler.step()
         if state.ema is not None:
             state.ema.update(model)
@@ -112,7 +157,7 @@ def train_one_epoch(state: TrainState, loader, search: Search | None, cfg: Confi
         if state.step % cfg.train.log_every == 0 or i == steps - 1:
             mean_loss = distributed.all_reduce_mean_(loss.detach().float().reshape(1).cpu()).item()
             writer.scalar("train/loss", mean_loss, state.step)
-            writer.scalar("train/lr", state.optimizer.param_groups[0]["lr"], state.step)
+            writer.scalar("train/lr", state.scheduler.get_last_lr()[0], state.step)
             writer.scalar("train/samples_per_s",
                           (i + 1) * images.shape[0] * ctx.world_size / (time.perf_counter() - tick), state.step)
             if search:
@@ -148,9 +193,8 @@ def run(cfg: Config, ctx: distributed.DistContext) -> dict:
     steps_per_epoch = len(train_loader) if not cfg.train.max_steps_per_epoch else min(
         len(train_loader), cfg.train.max_steps_per_epoch)
     lr = scaled_lr(cfg.train, cfg.train.batch_size_per_rank * ctx.world_size)
-    optimizer = build_optimizer(model, cfg.train, lr)
-    state = TrainState(model, optimizer, build_scheduler(optimizer, cfg.train, steps_per_epoch),
-                       ModelEma(model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None, lr, steps_per_epoch)
+    ema = ModelEma(model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+    state = build_state(cfg, ctx, model, lr, steps_per_epoch, ema)
     writer = make_writer(run_dir, cfg.log.tensorboard, ctx.is_main)
     writer.scalar("dist/world_size", ctx.world_size, 0)
 
@@ -176,7 +220,7 @@ def run(cfg: Config, ctx: distributed.DistContext) -> dict:
                 top1, val_loss = validate(epoch)
                 if search and search.after_eval(
                         model, state.ema.module if state.ema else None, last, state.step, epoch,
-                        lambda result, old: rebuild_after_shrink(state, cfg, result, old),
+                        lambda result, old: rebuild_after_shrink(state, cfg, ctx, result, old),
                         lambda: train_loader, writer):
                     rec = search.shrinks[-1]
                     log.info(f"shrink {len(search.shrinks)}: -{rec.channels_removed} channels, predicted "
@@ -187,6 +231,7 @@ def run(cfg: Config, ctx: distributed.DistContext) -> dict:
                         top1, val_loss = validate(epoch)
     finally:
         writer.close()
+        state.engine.release()
 
     summary = {"val_top1": top1, "val_loss": val_loss, "params": params, "macs": macs,
                "world_size": ctx.world_size, "epochs": cfg.train.epochs, "steps": state.step,

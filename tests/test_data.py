@@ -246,7 +246,8 @@ def test_loaders_two_ranks_shard_data():
         sampler.set_epoch(1)
         train_sets.append(set(iter(sampler)))
         val_sets.append(list(iter(val.sampler)))
-        assert len(val.sampler) == 7  # ceil(13 / 2), padded
+        assert len(val.sampler) == (7 if rank == 0 else 6)  # no padding: nothing is counted twice
     assert not train_sets[0] & train_sets[1]
     assert len(train_sets[0]) == len(train_sets[1]) == 20  # drop_last: 41 -> 2 x 20
     assert set(val_sets[0]) | set(val_sets[1]) == set(range(13))
+    assert sorted(val_sets[0] + val_sets[1]) == list(range(13))

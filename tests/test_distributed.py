@@ -1,0 +1,111 @@
+"""Multi-rank behaviour on CPU with gloo (2 ranks): rank 0 measures, masks agree, mismatches abort, torchrun."""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+
+import pytest
+import torch
+
+from dist_hrnas.config import LatencyConfig, load_config
+from dist_hrnas.latency import Timer, branch_widths, profile_on_rank0
+from dist_hrnas.models import build_model
+from dist_hrnas.search import broadcast_masks, check_same_on_all_ranks
+from dist_hrnas.surgery import shrink_model
+from tests.conftest import CONFIGS, PYTHON
+from tests.multirank import run_ranks
+from tests.test_search import SEARCH
+
+
+def _model():
+    torch.manual_seed(0)
+    return build_model(load_config(CONFIGS / "digits.yaml").model)
+
+
+def _profile_rank(rank: int) -> tuple[int, list[float]]:
+    model = _model()
+    timer = Timer(torch.device("cpu"), warmup=0, repeats=1)
+    profile = profile_on_rank0(model, 32, LatencyConfig(warmup=0, repeats=1), timer)
+    return timer.calls, profile.to_tensor(list(branch_widths(model))).tolist()
+
+
+def test_only_rank0_calls_the_timer_and_all_ranks_get_its_figures():
+    (s0, (calls0, fig0)), (s1, (calls1, fig1)) = run_ranks(_profile_rank)
+    assert s0 == s1 == "ok"
+    assert calls0 > 0 and calls1 == 0
+    assert fig0 == fig1 and all(v > 0 for v in fig0)
+
+
+def _shrink_rank(rank: int, corrupt: bool) -> tuple[str, list[str]]:
+    model = _model()
+    gen = torch.Generator().manual_seed(100 + rank)  # each rank proposes different masks ...
+    masks = {name: [torch.rand(w, generator=gen) > 0.3 for w in block.widths]
+             for name, block in model.named_blocks()[:4]}
+    masks = broadcast_masks(model, masks)            # ... but rank 0's win everywhere
+    if corrupt and rank == 1:
+        first = next(iter(masks))
+        masks[first][0][0] = ~masks[first][0][0]
+    shrink_model(model, masks)
+    return check_same_on_all_ranks(model, step=7)
+
+
+def test_rank0_masks_are_applied_identically_on_every_rank():
+    results = run_ranks(_shrink_rank, False)
+    assert [s for s, _ in results] == ["ok", "ok"]
+    (arch0, hashes0), (arch1, hashes1) = results[0][1], results[1][1]
+    assert arch0 == arch1 and hashes0 == hashes1 and len(hashes0) == 2 and hashes0[0] == hashes0[1]
+
+
+def test_a_corrupted_mask_on_one_rank_aborts_every_rank_with_a_clear_message():
+    results = run_ranks(_shrink_rank, True)
+    for status, message in results:
+        assert status == "error"
+        assert message.startswith("ConsistencyError: ranks disagree after the shrink at step 7: architecture of "
+                                  "rank(s) [1] differ from rank 0")
+
+
+def _torchrun(args: list[str], env: dict, cwd, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, "-m", "torch.distributed.run", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=timeout)
+
+
+def _check_two_rank_run(run_dir) -> None:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["shrinks"] >= 1
+    for line in (run_dir / "shrinks.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        assert len(rec["rank_hashes"]) == 2 and rec["rank_hashes"][0] == rec["rank_hashes"][1]
+        assert rec["arch_hash"]
+
+
+def test_torchrun_two_ranks_ddp_search(tmp_path, python_env):
+    run_dir = tmp_path / "run"
+    proc = _torchrun(["--standalone", "--nproc_per_node", "2", "-m", "dist_hrnas.train", "--config",
+                      str(CONFIGS / "digits.yaml"), *SEARCH, f"log.run_dir={run_dir}"], python_env, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _check_two_rank_run(run_dir)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_with_c10d_rendezvous_on_localhost(tmp_path, python_env):
+    run_dir = tmp_path / "run"
+    endpoint = f"127.0.0.1:{_free_port()}"
+    cmd = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
+           "--rdzv-id", "test-job", "-m", "dist_hrnas.train", "--config", str(CONFIGS / "digits.yaml"), *SEARCH,
+           f"log.run_dir={run_dir}"]
+    nodes = [subprocess.Popen([PYTHON, "-m", "torch.distributed.run", *cmd], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=python_env, cwd=tmp_path) for _ in range(2)]
+    outputs = []
+    for node in nodes:
+        try:
+            outputs.append(node.communicate(timeout=300)[0])
+        finally:
+            node.kill()
+    assert [n.returncode for n in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    _check_two_rank_run(run_dir)
