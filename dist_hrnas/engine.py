@@ -40,6 +40,14 @@ class LocalEngine:
         """Context for micro-batches that accumulate gradients without communicating."""
         return contextlib.nullcontext()
 
+    def optimizer_view(self) -> torch.optim.Optimizer:
+        """The optimizer state per module parameter, unsharded (what surgery slices)."""
+        return self.optimizer
+
+    def optimizer_state_dict(self) -> dict:
+        """A torch optimizer state_dict of the full state (checkpoints load it into a fresh optimizer)."""
+        return self.optimizer.state_dict()
+
     def release(self) -> None:
         """Drop references to the wrapper so its communication state can be freed."""
         self.optimizer = None

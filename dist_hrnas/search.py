@@ -21,6 +21,7 @@ from dist_hrnas.config import Config
 from dist_hrnas.latency import (LatencyProfile, Timer, measure_network_on_rank0, profile_on_rank0)
 from dist_hrnas.metrics import NullWriter
 from dist_hrnas.errors import ConsistencyError
+from dist_hrnas.fileio import atomic_write_text
 from dist_hrnas.models import HRNet, count_macs, export_arch
 from dist_hrnas.prune import PruneRegistry, rho_at, should_shrink
 from dist_hrnas.surgery import ShrinkResult, shrink_model
@@ -120,17 +121,40 @@ def calibrate_bn(model: nn.Module, batches: Iterable, steps: int, device: torch.
 class Search:
     """Search state for one run; identical on every rank (rank 0 measures and decides, others receive)."""
 
-    def __init__(self, cfg: Config, model: HRNet, image_size: int, run_dir: Path, timer: Timer | None = None):
+    def __init__(self, cfg: Config, model: HRNet, image_size: int, run_dir: Path, timer: Timer | None = None,
+                 saved: dict | None = None):
+        """Measure (rank 0) and build the registry, or restore both from a checkpoint's ``saved`` state."""
         self.cfg, self.image_size, self.run_dir, self.timer = cfg, image_size, run_dir, timer
         self.enabled = cfg.prune.penalty != "none"
-        self.profile: LatencyProfile = profile_on_rank0(model, image_size, cfg.latency, timer)
-        self.latency_ms_supernet = self.profile.network_s * 1e3
-        macs = count_macs(model, model.spec.image_channels, image_size)
-        self.registry = PruneRegistry.build(cfg.prune, model, macs, self.profile)
+        if saved is None:
+            self.profile = profile_on_rank0(model, image_size, cfg.latency, timer)
+            macs = count_macs(model, model.spec.image_channels, image_size)
+            self.registry = PruneRegistry.build(cfg.prune, model, macs, self.profile)
+            self.latency_ms_supernet = self.profile.network_s * 1e3
+            self.supernet_predicted_s = self.profile.predict_s(model)
+            self.latency_ms_measured = self.latency_ms_supernet
+            self.shrinks: list[dict] = []
+        else:
+            p = saved["profile"]
+            self.profile = LatencyProfile(p["network_s"], dict(p["branch_s"]), dict(p["branch_width"]))
+            self.registry = PruneRegistry.from_state_dict(cfg.prune, saved["registry"])
+            self.latency_ms_supernet = saved["latency_ms_supernet"]
+            self.supernet_predicted_s = saved["supernet_predicted_s"]
+            self.latency_ms_measured = saved["latency_ms_measured"]
+            self.shrinks = list(saved["shrinks"])
         self.pairs = self.registry.bns(model)
-        self.supernet_predicted_s = self.profile.predict_s(model)
-        self.shrinks: list[ShrinkRecord] = []
-        self.latency_ms_measured = self.latency_ms_supernet
+
+    def state_dict(self) -> dict:
+        """Plain data for the checkpoint (resuming measures nothing)."""
+        return {"profile": {"network_s": self.profile.network_s, "branch_s": dict(self.profile.branch_s),
+                            "branch_width": dict(self.profile.branch_width)},
+                "registry": self.registry.state_dict(), "latency_ms_supernet": self.latency_ms_supernet,
+                "supernet_predicted_s": self.supernet_predicted_s, "latency_ms_measured": self.latency_ms_measured,
+                "shrinks": list(self.shrinks)}
+
+    def rewrite_shrink_log(self) -> None:
+        """Make ``shrinks.jsonl`` hold exactly the shrinks this state knows (used when resuming)."""
+        atomic_write_text(self.run_dir / "shrinks.jsonl", "".join(json.dumps(r) + "\n" for r in self.shrinks))
 
     # ---- per step
     def rho(self, epoch_float: float) -> float:
@@ -199,7 +223,7 @@ class Search:
                               latency_ms_predicted_after=round(self.predicted_ms(model), 4),
                               latency_ms_measured_after=round(self.latency_ms_measured, 4),
                               extra={"arch_hash": arch_hash, "rank_hashes": rank_hashes})
-        self.shrinks.append(record)
+        self.shrinks.append(json.loads(record.to_json()))
         writer.scalar("prune/shrink", len(self.shrinks), step)
         writer.scalar("prune/latency_ms_measured", self.latency_ms_measured, step)
         if distributed.rank() == 0:

@@ -18,6 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from dist_hrnas import distributed
+from dist_hrnas.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from dist_hrnas.cli import add_config_args, config_from_args
 from dist_hrnas.config import Config, save_config
 from dist_hrnas.data import Datasets, build_datasets, build_loaders
@@ -25,7 +26,8 @@ from dist_hrnas.engine import LocalEngine, make_engine
 from dist_hrnas.errors import NonFiniteLossError, UserError, exits_cleanly_on_user_error
 from dist_hrnas.fileio import atomic_write_json
 from dist_hrnas.metrics import NullWriter, get_logger, make_writer
-from dist_hrnas.models import HRNet, build_model, count_macs, count_params, export_arch, save_arch_file
+from dist_hrnas.models import (HRNet, build_model, count_macs, count_params, export_arch, model_from_arch,
+                               save_arch_file)
 from dist_hrnas.optim import ModelEma, build_optimizer, build_scheduler, scaled_lr
 from dist_hrnas.search import Search
 from dist_hrnas.surgery import ShrinkResult, carry_optimizer_state
@@ -78,8 +80,11 @@ class TrainState:
 
 
 def build_state(cfg: Config, ctx: distributed.DistContext, model: HRNet, lr: float, steps_per_epoch: int,
-                ema: ModelEma | None, step: int = 0) -> TrainState:
+                ema: ModelEma | None, step: int = 0, optimizer_state: dict | None = None) -> TrainState:
+    """Optimizer (with ``optimizer_state`` loaded before the engine takes it), scheduler at ``step``, engine."""
     optimizer = build_optimizer(model, cfg.train, lr)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
     scheduler = build_scheduler(optimizer, cfg.train, steps_per_epoch, last_step=step - 1)
     engine = make_engine(cfg.dist.engine, model, optimizer, ctx)
     return TrainState(model, optimizer, scheduler, engine, ema, lr, steps_per_epoch, step)
@@ -88,7 +93,7 @@ def build_state(cfg: Config, ctx: distributed.DistContext, model: HRNet, lr: flo
 def rebuild_after_shrink(state: TrainState, cfg: Config, ctx: distributed.DistContext, result: ShrinkResult,
                          old_params: dict[str, nn.Parameter]) -> None:
     """New optimizer (surviving state sliced over), scheduler at the same step, and a *new* engine."""
-    old_optimizer = state.optimizer
+    old_optimizer = state.engine.optimizer_view()
     state.engine.release()
     state.engine = None  # type: ignore[assignment]  # let the old DDP reducer go before building the new one
     fresh = build_state(cfg, ctx, state.model, state.lr, state.steps_per_epoch, state.ema, state.step)
@@ -166,24 +171,55 @@ def train_one_epoch(state: TrainState, loader, search: Search | None, cfg: Confi
     bar.close()
 
 
+def checkpoint_payload(state: TrainState, search: Search | None, epochs_done: int, meta: dict,
+                       cfg: Config) -> dict:
+    """Everything needed to continue exactly here, as plain tensors/dicts (``weights_only`` loadable).
+
+    Gathering a sharded optimizer state is a collective: every rank calls this, rank 0 writes.
+    """
+    return {"arch": export_arch(state.model), "model": state.model.state_dict(),
+            "optimizer": state.engine.optimizer_state_dict(), "scheduler": state.scheduler.state_dict(),
+            "ema": state.ema.module.state_dict() if state.ema else None,
+            "ema_updates": state.ema.updates if state.ema else 0,
+            "search": search.state_dict() if search else None, "step": state.step, "epoch": epochs_done,
+            "rng": rng_state(), "meta": meta, "config": cfg.to_dict()}
+
+
+def write_checkpoint(path: Path, state: TrainState, search: Search | None, epochs_done: int, meta: dict,
+                     cfg: Config, ctx: distributed.DistContext) -> None:
+    payload = checkpoint_payload(state, search, epochs_done, meta, cfg)
+    if ctx.is_main:
+        save_checkpoint(path, payload)
+    distributed.barrier()  # nobody races ahead (and possibly dies) before last.pt is complete
+
+
 def run(cfg: Config, ctx: distributed.DistContext) -> dict:
     """The whole job on this rank; returns the summary (written to summary.json by rank 0)."""
     log = get_logger(ctx.is_main)
     run_dir = resolve_run_dir(cfg)
+    ckpt_path = run_dir / "checkpoints" / "last.pt"
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     torch.manual_seed(cfg.train.seed)
 
     data = build_datasets(cfg.data)
-    model = build_model(cfg.model)
+    resume = load_checkpoint(ckpt_path) if cfg.checkpoint.resume == "auto" and ckpt_path.is_file() else None
+    # nanoGPT's rule: rebuild the (possibly shrunk) architecture stored in the checkpoint, then load weights.
+    model = model_from_arch(resume["arch"], source=str(ckpt_path)) if resume else build_model(cfg.model)
     check_data_matches_model(cfg, data, model)
+    if resume:
+        model.load_state_dict(resume["model"])
+        set_rng_state(resume["rng"])
     model.to(ctx.device)
-    params, macs = count_params(model), sum(count_macs(model, data.channels, data.image_size).values())
-    log.info(f"model: {params:,} params, {macs:,} MACs at {data.image_size}px; run dir {run_dir}")
+    meta = resume["meta"] if resume else {
+        "params": count_params(model), "macs": sum(count_macs(model, data.channels, data.image_size).values())}
+    log.info(f"model: {meta['params']:,} params, {meta['macs']:,} MACs at {data.image_size}px; run dir {run_dir}")
     search = None
     if cfg.prune.penalty != "none":
-        search = Search(cfg, model, data.image_size, run_dir)
+        search = Search(cfg, model, data.image_size, run_dir, saved=resume["search"] if resume else None)
+        if resume and ctx.is_main:
+            search.rewrite_shrink_log()  # a shrink logged after the checkpoint was taken is undone too
         log.info(f"search: penalty {cfg.prune.penalty}, {len(search.registry.entries)} prunable branches, "
                  f"supernet {search.latency_ms_supernet:.3f} ms on {cfg.latency.device} "
                  f"(batch {cfg.latency.batch_size})")
@@ -194,9 +230,19 @@ def run(cfg: Config, ctx: distributed.DistContext) -> dict:
         len(train_loader), cfg.train.max_steps_per_epoch)
     lr = scaled_lr(cfg.train, cfg.train.batch_size_per_rank * ctx.world_size)
     ema = ModelEma(model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
-    state = build_state(cfg, ctx, model, lr, steps_per_epoch, ema)
+    if ema and resume and resume["ema"] is not None:
+        ema.module.load_state_dict(resume["ema"])
+        ema.updates = resume["ema_updates"]
+    state = build_state(cfg, ctx, model, lr, steps_per_epoch, ema, step=resume["step"] if resume else 0,
+                        optimizer_state=resume["optimizer"] if resume else None)
+    if resume:
+        state.scheduler.load_state_dict(resume["scheduler"])
+    first_epoch = resume["epoch"] if resume else 0
+    if resume:
+        log.info(f"resumed from {ckpt_path}: epoch {first_epoch}, step {state.step}, "
+                 f"{len(search.shrinks) if search else 0} shrinks so far")
     writer = make_writer(run_dir, cfg.log.tensorboard, ctx.is_main)
-    writer.scalar("dist/world_size", ctx.world_size, 0)
+    writer.scalar("dist/world_size", ctx.world_size, state.step)
 
     top1, val_loss = math.nan, math.nan
     started = time.perf_counter()
@@ -211,29 +257,41 @@ def run(cfg: Config, ctx: distributed.DistContext) -> dict:
         return result
 
     try:
-        for epoch in range(cfg.train.epochs):
+        for epoch in range(first_epoch, cfg.train.epochs):
             if sampler is not None:
                 sampler.set_epoch(epoch)
-            train_one_epoch(state, train_loader, search, cfg, ctx, writer, epoch)
+            try:
+                train_one_epoch(state, train_loader, search, cfg, ctx, writer, epoch)
+            except NonFiniteLossError as err:
+                good = str(ckpt_path) if ckpt_path.is_file() else "none written yet"
+                raise NonFiniteLossError(f"{err}; stopping all ranks; last good checkpoint: {good}") from None
             last = epoch == cfg.train.epochs - 1
+            shrunk = False
             if last or (epoch + 1) % cfg.train.eval_every == 0:
                 top1, val_loss = validate(epoch)
-                if search and search.after_eval(
-                        model, state.ema.module if state.ema else None, last, state.step, epoch,
-                        lambda result, old: rebuild_after_shrink(state, cfg, ctx, result, old),
-                        lambda: train_loader, writer):
+                shrunk = bool(search) and search.after_eval(
+                    model, state.ema.module if state.ema else None, last, state.step, epoch,
+                    lambda result, old: rebuild_after_shrink(state, cfg, ctx, result, old),
+                    lambda: train_loader, writer)
+                if shrunk:
                     rec = search.shrinks[-1]
-                    log.info(f"shrink {len(search.shrinks)}: -{rec.channels_removed} channels, predicted "
-                             f"{rec.latency_ms_predicted_after:.3f} ms, measured {rec.latency_ms_measured_after:.3f} ms")
+                    log.info(f"shrink {len(search.shrinks)}: -{rec['channels_removed']} channels, predicted "
+                             f"{rec['latency_ms_predicted_after']:.3f} ms, measured "
+                             f"{rec['latency_ms_measured_after']:.3f} ms")
                     if ctx.is_main:
                         save_arch_file(export_arch(model), run_dir / "searched_arch.yaml")
                     if last:  # report the accuracy of the network the search hands over
                         top1, val_loss = validate(epoch)
+            every = cfg.checkpoint.every_epochs
+            if shrunk or (every and (epoch + 1) % every == 0) or last:
+                write_checkpoint(ckpt_path, state, search, epoch + 1, meta, cfg, ctx)
     finally:
         writer.close()
         state.engine.release()
 
-    summary = {"val_top1": top1, "val_loss": val_loss, "params": params, "macs": macs,
+    if resume and math.isnan(top1):  # resumed after the last epoch had finished: evaluate what we have
+        top1, val_loss = evaluate(state.ema.module if state.ema else model, val_loader, ctx.device)
+    summary = {"val_top1": top1, "val_loss": val_loss, "params": meta["params"], "macs": meta["macs"],
                "world_size": ctx.world_size, "epochs": cfg.train.epochs, "steps": state.step,
                "wall_time_s": round(time.perf_counter() - started, 2)}
     if search:

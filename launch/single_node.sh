@@ -33,7 +33,7 @@ fi
 if [[ -z "${NPROC:-}" ]]; then
     if [[ -z "${PYTHON:-}" ]]; then
         # The python that torchrun itself runs with, so it sees the same torch.
-        TORCHRUN_PATH=$(command -v "$TORCHRUN")
+        TORCHRUN_PATH=$(command -v "$TORCHRUN" || true)
         PYTHON="$(dirname "$TORCHRUN_PATH")/python"
         [[ -x "$PYTHON" ]] || PYTHON=python3
     fi
