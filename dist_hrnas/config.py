@@ -123,6 +123,8 @@ class TrainConfig:
     seed: int = _f(0, "Seed of weights init, data order and dropout.")
     grad_accum_steps: int = _f(1, "Split each rank's batch into N micro-batches, communicating gradients once.")
     bf16: bool = _f(True, "bf16 autocast on CUDA (ignored on CPU).")
+    grad_clip_norm: float = _f(0.0, "Clip the global gradient norm to this value before each update (0 = off); "
+                                    "also DeepSpeed's gradient_clipping.")
 
     def __post_init__(self) -> None:
         _choice("train", "optimizer", self.optimizer, ("sgd", "rmsprop", "adamw"))
@@ -133,6 +135,8 @@ class TrainConfig:
         _positive("train", "eval_every", self.eval_every)
         _positive("train", "log_every", self.log_every)
         _positive("train", "grad_accum_steps", self.grad_accum_steps)
+        if self.grad_clip_norm < 0:
+            raise ConfigError(f"train.grad_clip_norm: must be >= 0 (0 = off), got {self.grad_clip_norm}")
         if self.batch_size_per_rank % self.grad_accum_steps:
             raise ConfigError(f"train.grad_accum_steps ({self.grad_accum_steps}) must divide "
                               f"train.batch_size_per_rank ({self.batch_size_per_rank})")

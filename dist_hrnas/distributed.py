@@ -46,6 +46,20 @@ def _env_int(name: str, default: int) -> int:
         raise UserError(f"environment variable {name}={raw!r} is not an integer (set by torchrun)") from None
 
 
+def _rendezvous_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store:
+    """The key-value store the process group meets in, private to this restart attempt.
+
+    Under ``torchrun --max-restarts`` the agent's store outlives a failed attempt and still holds the dead
+    workers' gloo addresses; restarted workers that read them fail with "connectFullMesh ... Connection
+    refused". A prefix per attempt (TORCHELASTIC_RESTART_COUNT) keeps every attempt's keys apart.
+    """
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"   # the agent hosts the server
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], _env_int("MASTER_PORT", 0), world_size,
+                          is_master=not agent_store and rank == 0, timeout=timeout,
+                          multi_tenant=not agent_store)
+    return dist.PrefixStore(f"dist_hrnas/attempt_{_env_int('TORCHELASTIC_RESTART_COUNT', 0)}", store)
+
+
 def init_distributed(cfg: DistConfig, training_device: str = "auto") -> DistContext:
     """Join the job torchrun started (or none), pick this rank's device and the backend.
 
@@ -71,8 +85,9 @@ def init_distributed(cfg: DistConfig, training_device: str = "auto") -> DistCont
     for var in ("MASTER_ADDR", "MASTER_PORT"):
         if var not in os.environ:
             raise UserError(f"WORLD_SIZE={world_size} but {var} is not set: start with torchrun")
-    dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=cfg.timeout_s),
+    timeout = datetime.timedelta(seconds=cfg.timeout_s)
+    dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout,
+                            store=_rendezvous_store(rank, world_size, timeout),
                             device_id=device if device.type == "cuda" else None)
     return DistContext(rank=rank, local_rank=local_rank, world_size=world_size, device=device, backend=backend)
 

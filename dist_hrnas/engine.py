@@ -14,14 +14,16 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from dist_hrnas import distributed
+from dist_hrnas.config import Config
 
 
 class LocalEngine:
     """Single process: forward, backward and step on the bare module."""
 
-    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer):
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, grad_clip_norm: float = 0.0):
         self.module = module
         self.optimizer = optimizer
+        self.grad_clip_norm = grad_clip_norm
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_module(x)
@@ -33,6 +35,8 @@ class LocalEngine:
         loss.backward()
 
     def step(self) -> None:
+        if self.grad_clip_norm > 0:  # gradients are already averaged over ranks here, so all ranks clip alike
+            nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -56,8 +60,9 @@ class LocalEngine:
 class DDPEngine(LocalEngine):
     """DistributedDataParallel around the module; BN buffers are synchronised explicitly, not broadcast."""
 
-    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device):
-        super().__init__(module, optimizer)
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
+                 grad_clip_norm: float = 0.0):
+        super().__init__(module, optimizer, grad_clip_norm)
         # forward_sync_buffers=False: rank 0's BN statistics would silently overwrite the others' each step;
         # we all-reduce them before masks and validation instead (distributed.sync_bn_buffers_).
         self.ddp = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
@@ -74,10 +79,17 @@ class DDPEngine(LocalEngine):
         del self.ddp
 
 
-def make_engine(kind: str, module: nn.Module, optimizer: torch.optim.Optimizer,
+def make_engine(cfg: Config, module: nn.Module, optimizer: torch.optim.Optimizer,
                 ctx: distributed.DistContext) -> LocalEngine:
-    if ctx.world_size == 1 or kind == "none":
-        return LocalEngine(module, optimizer)
-    if kind == "ddp":
-        return DDPEngine(module, optimizer, ctx.device)
-    raise ValueError(f"unknown engine {kind}")
+    """The engine ``dist.engine`` names; a plain one when there is a single process."""
+    clip = cfg.train.grad_clip_norm
+    if ctx.world_size == 1:
+        return LocalEngine(module, optimizer, clip)
+    if cfg.dist.engine == "ddp":
+        return DDPEngine(module, optimizer, ctx.device, clip)
+    from dist_hrnas.ds_engine import DeepSpeedEngine, deepspeed_config  # deepspeed is an optional extra
+
+    accum = cfg.train.grad_accum_steps
+    ds_config = deepspeed_config(cfg.dist.deepspeed, cfg.train.batch_size_per_rank // accum, accum,
+                                 cfg.train.bf16 and ctx.device.type == "cuda", clip)
+    return DeepSpeedEngine(module, optimizer, ctx, ds_config)

@@ -9,6 +9,7 @@ import contextlib
 import math
 import sys
 import time
+from typing import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,24 +81,29 @@ class TrainState:
 
 
 def build_state(cfg: Config, ctx: distributed.DistContext, model: HRNet, lr: float, steps_per_epoch: int,
-                ema: ModelEma | None, step: int = 0, optimizer_state: dict | None = None) -> TrainState:
-    """Optimizer (with ``optimizer_state`` loaded before the engine takes it), scheduler at ``step``, engine."""
+                ema: ModelEma | None, step: int = 0,
+                fill_optimizer: Callable[[torch.optim.Optimizer], None] | None = None) -> TrainState:
+    """Optimizer, scheduler at ``step``, engine.
+
+    ``fill_optimizer`` puts existing state (a checkpoint's, or the sliced state after a shrink) into the new
+    optimizer *before* the engine takes it: ZeRO partitions the state when its engine is built.
+    """
     optimizer = build_optimizer(model, cfg.train, lr)
-    if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state)
+    if fill_optimizer is not None:
+        fill_optimizer(optimizer)
     scheduler = build_scheduler(optimizer, cfg.train, steps_per_epoch, last_step=step - 1)
-    engine = make_engine(cfg.dist.engine, model, optimizer, ctx)
+    engine = make_engine(cfg, model, optimizer, ctx)
     return TrainState(model, optimizer, scheduler, engine, ema, lr, steps_per_epoch, step)
 
 
 def rebuild_after_shrink(state: TrainState, cfg: Config, ctx: distributed.DistContext, result: ShrinkResult,
                          old_params: dict[str, nn.Parameter]) -> None:
     """New optimizer (surviving state sliced over), scheduler at the same step, and a *new* engine."""
-    old_optimizer = state.engine.optimizer_view()
+    old_optimizer = state.engine.optimizer_view()  # a collective under ZeRO: every rank is here
     state.engine.release()
     state.engine = None  # type: ignore[assignment]  # let the old DDP reducer go before building the new one
-    fresh = build_state(cfg, ctx, state.model, state.lr, state.steps_per_epoch, state.ema, state.step)
-    carry_optimizer_state(old_optimizer, old_params, fresh.optimizer, state.model, result)
+    fresh = build_state(cfg, ctx, state.model, state.lr, state.steps_per_epoch, state.ema, state.step,
+                        lambda new: carry_optimizer_state(old_optimizer, old_params, new, state.model, result))
     state.optimizer, state.scheduler, state.engine = fresh.optimizer, fresh.scheduler, fresh.engine
 
 
@@ -234,7 +240,7 @@ def run(cfg: Config, ctx: distributed.DistContext) -> dict:
         ema.module.load_state_dict(resume["ema"])
         ema.updates = resume["ema_updates"]
     state = build_state(cfg, ctx, model, lr, steps_per_epoch, ema, step=resume["step"] if resume else 0,
-                        optimizer_state=resume["optimizer"] if resume else None)
+                        fill_optimizer=(lambda opt: opt.load_state_dict(resume["optimizer"])) if resume else None)
     if resume:
         state.scheduler.load_state_dict(resume["scheduler"])
     first_epoch = resume["epoch"] if resume else 0

@@ -1,0 +1,251 @@
+"""DeepSpeed (ZeRO stage 0, 1 or 2) behind the :class:`~dist_hrnas.engine.LocalEngine` interface.
+
+Like DDP, the engine is rebuilt after every shrink around the shrunk module and a fresh torch optimizer that
+may already hold (sliced) state. At stage 0 DeepSpeed steps that torch optimizer directly. At stage 1/2 ZeRO
+re-points the torch optimizer at flat fp32 partitions and ignores state keyed by the module parameters, so
+the state is snapshotted before ``deepspeed.initialize`` and written back afterwards: one zero-gradient step
+at lr = weight_decay = 0 makes ZeRO create its partitioned state (parameters stay bit-identical), then every
+parameter's full state is scattered into it with ``safe_set_full_optimizer_state``. ZeRO keeps one scalar
+(Adam's ``step``) per flat partition, i.e. per param group, restored from the carried parameters.
+
+Gradient accumulation: the training loop calls ``backward`` once per micro-batch and ``step`` once. With
+``managed_gradient_accumulation: false`` (our default) every ``engine.step()`` is the accumulation boundary,
+which is exactly that contract. If a config turns managed accumulation on, ``backward`` calls
+``engine.step()`` itself (DeepSpeed updates on every ``gradient_accumulation_steps``-th call) and ``step``
+does nothing.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+from pathlib import Path
+from typing import Any, ContextManager
+
+import torch
+from torch import nn
+
+from dist_hrnas import distributed
+from dist_hrnas.engine import LocalEngine
+from dist_hrnas.errors import UserError
+
+_HOOKS = ("module_forward_pre_hook", "module_forward_post_hook", "first_dataloader_check")
+
+
+def _stage_error(stage: object) -> UserError:
+    return UserError(f"dist.deepspeed.zero_stage={stage} is not supported: use 0, 1 or 2")
+
+
+def _load_json(path: object) -> dict:
+    try:
+        loaded = json.loads(Path(str(path)).read_text())
+    except FileNotFoundError:
+        raise UserError(f"dist.deepspeed.config: DeepSpeed config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"dist.deepspeed.config: cannot read DeepSpeed config file {path} as JSON: {err}") from None
+    if not isinstance(loaded, dict):
+        raise UserError(f"dist.deepspeed.config: DeepSpeed config file {path} must hold a JSON object")
+    return loaded
+
+
+def deepspeed_config(ds_settings: dict, micro_batch: int, grad_accum: int, bf16: bool,
+                     grad_clip_norm: float = 0.0) -> dict:
+    """The DeepSpeed config dict from ``dist.deepspeed``: ``{config: file.json}`` or ``{zero_stage: N, ...}``.
+
+    Batch sizes, accumulation, bf16 and gradient clipping always come from our own config; the optimizer and
+    schedule too (a torch optimizer is passed in), so a config with an ``optimizer`` or ``scheduler`` section,
+    or its own ``gradient_clipping``, is an error. Clipping is set explicitly because DeepSpeed's default
+    (1.0) would silently make DeepSpeed runs train differently from DDP runs.
+    """
+    settings = dict(ds_settings or {})
+    if "config" in settings:
+        path = settings.pop("config")
+        if settings:
+            raise UserError(f"dist.deepspeed: give either config: <file> or separate keys, not both "
+                            f"(also got {sorted(settings)})")
+        cfg, where = _load_json(path), f" (in {path})"
+    else:
+        stage = settings.pop("zero_stage", 0)
+        cfg, where = settings, ""
+        cfg["zero_optimization"] = {**(cfg.get("zero_optimization") or {}), "stage": stage}
+    for section in ("optimizer", "scheduler"):
+        if section in cfg:
+            raise UserError(f"dist.deepspeed: the DeepSpeed config{where} has a '{section}' section; remove it: "
+                            f"train.optimizer and the train.lr_* settings build the optimizer and schedule "
+                            f"that DeepSpeed wraps")
+    if "gradient_clipping" in cfg:
+        raise UserError(f"dist.deepspeed: the DeepSpeed config{where} sets gradient_clipping; remove it and set "
+                        f"train.grad_clip_norm instead (it applies to every engine)")
+    zero = cfg.get("zero_optimization") or {}
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else zero
+    if isinstance(stage, bool) or stage not in (0, 1, 2):
+        raise _stage_error(stage)
+    if isinstance(cfg.get("fp16"), dict) and cfg["fp16"].get("enabled"):
+        raise UserError(f"dist.deepspeed: fp16{where} is not supported; use train.bf16")
+    cfg.pop("train_batch_size", None)                          # DeepSpeed derives it from the two below
+    cfg["train_micro_batch_size_per_gpu"] = int(micro_batch)
+    cfg["gradient_accumulation_steps"] = int(grad_accum)
+    cfg["bf16"] = {**(cfg.get("bf16") or {}), "enabled": bool(bf16)}
+    cfg["gradient_clipping"] = float(grad_clip_norm)
+    cfg["steps_per_print"] = 10 ** 9
+    cfg.setdefault("managed_gradient_accumulation", False)
+    # ZeRO refuses torch optimizers other than Adam/AdamW unless told; SGD and RMSprop partition just as well
+    cfg.setdefault("zero_allow_untested_optimizer", True)
+    return cfg
+
+
+class DeepSpeedEngine(LocalEngine):
+    """``deepspeed.initialize`` around the module and a torch optimizer whose existing state is kept exactly."""
+
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, ctx: distributed.DistContext,
+                 ds_config: dict):
+        import deepspeed
+
+        super().__init__(module, optimizer)
+        self.ctx = ctx
+        os.environ.setdefault("LOCAL_RANK", str(ctx.local_rank))  # torchrun sets it; DeepSpeed insists on it
+        self._group_dicts = list(optimizer.param_groups)      # DeepSpeed swaps their 'params' in place
+        self._groups = [list(g["params"]) for g in self._group_dicts]   # module parameters, torch's order
+        carried = {p: dict(s) for p, s in optimizer.state.items() if s}
+        self.engine = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config,
+                                           dist_init_required=False)[0]
+        managed = getattr(self.engine, "managed_gradient_accumulation", lambda: True)()
+        self._micro_steps_per_update = self.engine.gradient_accumulation_steps() if managed else 1
+        wrapper = type(self.engine.optimizer).__name__
+        # ZeRO links every parameter to its fp32 fragment (None where another rank owns all of it)
+        self.partitioned = self.engine.optimizer is not optimizer and \
+            all(hasattr(p, "_hp_mapping") for group in self._groups for p in group)
+        if self.engine.optimizer is not optimizer and not self.partitioned:
+            self.release()
+            raise UserError(f"dist.deepspeed: DeepSpeed wrapped the optimizer in {wrapper}, which keeps no "
+                            f"per-parameter state mapping; with bf16 use zero_stage 1 or 2")
+        if self.partitioned:
+            for p in carried:
+                optimizer.state.pop(p, None)                   # ZeRO steps flat partitions, not these
+            if carried:
+                self._restore(carried)
+
+    # -- training --------------------------------------------------------------------------------------
+    def forward_module(self, x: torch.Tensor) -> torch.Tensor:
+        return self.engine(x)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)       # the loop already divides by the micro-batches
+        if self._micro_steps_per_update > 1:
+            self.engine.step()                                  # managed: DeepSpeed updates at the boundary
+
+    def step(self) -> None:
+        if self._micro_steps_per_update == 1:
+            self.engine.step()
+
+    def no_sync(self) -> ContextManager:
+        return contextlib.nullcontext()                        # DeepSpeed handles accumulation boundaries
+
+    @property
+    def torch_optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer whose group ``lr`` DeepSpeed uses: drive it with the LR scheduler."""
+        return self.optimizer
+
+    # -- partitioned optimizer state -------------------------------------------------------------------
+    def _flat_states(self) -> list[tuple[torch.Tensor, dict]]:
+        """(flat fp32 partition, its torch state) per non-empty param group, in group order."""
+        groups = self.engine.optimizer.optimizer.param_groups
+        return [(g["params"][0], self.engine.optimizer.optimizer.state.get(g["params"][0], {})) for g in groups]
+
+    def _nonempty_groups(self) -> list[list[nn.Parameter]]:
+        return [group for group in self._groups if group]
+
+    def _link_state(self) -> list[tuple[torch.Tensor, dict]]:
+        """Point every parameter's fragment at its group's current flat state; returns ``_flat_states()``.
+
+        ZeRO links the fragments once, right after stepping the *first* param group, so the parameters of
+        later groups stay linked to empty state and ``safe_get_full_optimizer_state`` raises "exp_avg not
+        found in optimizer state fragment" for them (DeepSpeed 0.19.8). Relinking is cheap (views only).
+        """
+        flat_states = self._flat_states()
+        for params, (flat, state) in zip(self._nonempty_groups(), flat_states):
+            for p in params:
+                if p._hp_mapping is not None:
+                    p._hp_mapping.set_optim_state_fragment(flat, state)
+        return flat_states
+
+    def _prime(self) -> None:
+        """One step on zero gradients at lr = weight_decay = 0: ZeRO creates its state, weights don't move."""
+        groups = self.optimizer.param_groups
+        saved = [(g["lr"], g.get("weight_decay")) for g in groups]
+        for g in groups:
+            g["lr"] = 0.0
+            if "weight_decay" in g:
+                g["weight_decay"] = 0.0
+        try:
+            for _ in range(self._micro_steps_per_update):
+                with torch.enable_grad():
+                    zero = torch.stack([(p * 0).sum() for group in self._groups for p in group]).sum()
+                    self.engine.backward(zero, scale_wrt_gas=False)
+                self.engine.step()
+        finally:
+            for g, (lr, wd) in zip(groups, saved):
+                g["lr"] = lr
+                if wd is not None:
+                    g["weight_decay"] = wd
+
+    @torch.no_grad()
+    def _restore(self, carried: dict[nn.Parameter, dict]) -> None:
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        self._prime()
+        for params, (flat, state) in zip(self._nonempty_groups(), self._link_state()):
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == flat.shape:
+                    for p in params:                           # same order on every rank
+                        old = carried.get(p, {}).get(key)
+                        full = torch.zeros(p.shape, dtype=torch.float32) if old is None else old
+                        safe_set_full_optimizer_state(p, full.to(device=flat.device, dtype=flat.dtype), key)
+                else:                                          # per-group scalars such as Adam's step
+                    old = next((carried[p][key] for p in params if key in carried.get(p, {})), None)
+                    if old is None:
+                        continue
+                    if torch.is_tensor(value) and torch.is_tensor(old):
+                        value.copy_(old)
+                    else:
+                        state[key] = old.clone() if torch.is_tensor(old) else old
+
+    def optimizer_view(self) -> Any:
+        """Full per-parameter state (a collective at stage 1/2: every rank calls it) as a torch optimizer."""
+        if not self.partitioned:
+            return self.optimizer
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        view = type(self.optimizer)([{**{k: v for k, v in g.items() if k != "params"}, "params": params}
+                                     for g, params in zip(self._group_dicts, self._groups)])
+        for params, (flat, state) in zip(self._nonempty_groups(), self._link_state()):
+            for p in params:
+                full = {}
+                for key, value in state.items():
+                    if torch.is_tensor(value) and value.shape == flat.shape:
+                        full[key] = safe_get_full_optimizer_state(p, key).detach().clone()
+                    else:
+                        full[key] = value.detach().clone() if torch.is_tensor(value) else value
+                if full:
+                    view.state[p] = full
+        return view
+
+    def optimizer_state_dict(self) -> dict:
+        return self.optimizer_view().state_dict()
+
+    def release(self) -> None:
+        """``engine.destroy()``, unhook the module, drop every reference and collect garbage."""
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.destroy()
+            for name in _HOOKS:                                 # they close over the engine: the module would
+                handle = getattr(engine, name, None)            # keep it (and its buffers) alive
+                if handle is not None:
+                    handle.remove()
+            if self.partitioned and self.optimizer is not None:
+                self.optimizer.state.clear()                   # flat partitions' state: useless now
+        self.engine = None
+        super().release()
+        del engine
+        gc.collect()
