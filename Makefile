@@ -16,8 +16,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 venv: $(STAMP)
 
+NPROC ?= 2
+
 search: $(STAMP)
-	$(PY) -m dist_hrnas.train --config configs/digits.yaml
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) -m dist_hrnas.train --config configs/digits.yaml
 
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q

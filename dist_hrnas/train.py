@@ -152,6 +152,7 @@ def train_one_epoch(state: TrainState, loader, search: Search | None, cfg: Confi
     bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False,
                disable=not (ctx.is_main and cfg.log.progress), file=sys.stdout)
     tick = time.perf_counter()
+    logged_at, logged_step = tick, state.step
     for i, (images, labels) in enumerate(loader):
         if i >= steps:
             break
@@ -169,8 +170,11 @@ def train_one_epoch(state: TrainState, loader, search: Search | None, cfg: Confi
             mean_loss = distributed.all_reduce_mean_(loss.detach().float().reshape(1).cpu()).item()
             writer.scalar("train/loss", mean_loss, state.step)
             writer.scalar("train/lr", state.scheduler.get_last_lr()[0], state.step)
-            writer.scalar("train/samples_per_s",
-                          (i + 1) * images.shape[0] * ctx.world_size / (time.perf_counter() - tick), state.step)
+            now = time.perf_counter()
+            writer.scalar("train/samples_per_s", (i + 1) * images.shape[0] * ctx.world_size / (now - tick),
+                          state.step)
+            writer.scalar("train/step_time_s", (now - logged_at) / max(1, state.step - logged_step), state.step)
+            logged_at, logged_step = now, state.step
             if search:
                 search.log(writer, model, state.step, rho, l1.item() if l1 is not None else 0.0)
             bar.set_postfix(loss=f"{mean_loss:.3f}")
@@ -284,6 +288,7 @@ def run(cfg: Config, ctx: distributed.DistContext) -> dict:
                     log.info(f"shrink {len(search.shrinks)}: -{rec['channels_removed']} channels, predicted "
                              f"{rec['latency_ms_predicted_after']:.3f} ms, measured "
                              f"{rec['latency_ms_measured_after']:.3f} ms")
+                    writer.text("prune/architecture", architecture_markdown(model), state.step)
                     if ctx.is_main:
                         save_arch_file(export_arch(model), run_dir / "searched_arch.yaml")
                     if last:  # report the accuracy of the network the search hands over
@@ -314,6 +319,15 @@ def run(cfg: Config, ctx: distributed.DistContext) -> dict:
         atomic_write_json(run_dir / "summary.json", summary)
         log.info(f"done: val top1 {top1:.4f}; summary in {run_dir / 'summary.json'}")
     return summary
+
+
+def architecture_markdown(model: HRNet) -> str:
+    """The network as it stands, one table row per atomic block (TensorBoard's Text tab renders it)."""
+    rows = ["| block | kernels | widths |", "|---|---|---|"]
+    for name, block in model.named_blocks():
+        kernels = ", ".join(map(str, block.kernel_sizes)) or "(shortcut only)"
+        rows.append(f"| {name} | {kernels} | {', '.join(map(str, block.widths))} |")
+    return "\n".join(rows)
 
 
 @exits_cleanly_on_user_error

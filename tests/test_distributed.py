@@ -10,6 +10,7 @@ import torch
 
 from dist_hrnas.config import LatencyConfig, load_config
 from dist_hrnas.latency import Timer, branch_widths, profile_on_rank0
+from dist_hrnas.metrics import read_scalars, read_tags
 from dist_hrnas.models import build_model
 from dist_hrnas.search import broadcast_masks, check_same_on_all_ranks
 from dist_hrnas.surgery import shrink_model
@@ -89,6 +90,13 @@ def test_torchrun_two_ranks_ddp_search(tmp_path, python_env):
                       str(CONFIGS / "digits.yaml"), *DIST, f"log.run_dir={run_dir}"], python_env, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _check_two_rank_run(run_dir)
+    scalars = read_scalars(run_dir / "tb")
+    assert scalars["dist/world_size"][0][1] == 2
+    shrinks = json.loads((run_dir / "summary.json").read_text())["shrinks"]
+    assert len(scalars["prune/shrink"]) == len(scalars["prune/latency_ms_measured"]) == shrinks
+    assert all(v > 0 for _, v in scalars["train/step_time_s"] + scalars["train/samples_per_s"])
+    assert "prune/architecture/text_summary" in read_tags(run_dir / "tb")["tensors"]
+    assert len(list((run_dir / "tb").iterdir())) == 1     # only rank 0 writes events
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2])
