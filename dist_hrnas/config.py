@@ -123,6 +123,9 @@ class TrainConfig:
     seed: int = _f(0, "Seed of weights init, data order and dropout.")
     grad_accum_steps: int = _f(1, "Split each rank's batch into N micro-batches, communicating gradients once.")
     bf16: bool = _f(True, "bf16 autocast on CUDA (ignored on CPU).")
+    eval_bn_calibration_steps: int = _f(0, "Re-estimate BN statistics on N training batches before each "
+                                                "validation (0 = use the running statistics as they are). Strong "
+                                                "penalties change the scales faster than running averages follow.")
     grad_clip_norm: float = _f(0.0, "Clip the global gradient norm to this value before each update (0 = off); "
                                     "also DeepSpeed's gradient_clipping.")
 
@@ -135,6 +138,7 @@ class TrainConfig:
         _positive("train", "eval_every", self.eval_every)
         _positive("train", "log_every", self.log_every)
         _positive("train", "grad_accum_steps", self.grad_accum_steps)
+        _positive("train", "eval_bn_calibration_steps", self.eval_bn_calibration_steps, allow_zero=True)
         if self.grad_clip_norm < 0:
             raise ConfigError(f"train.grad_clip_norm: must be >= 0 (0 = off), got {self.grad_clip_norm}")
         if self.batch_size_per_rank % self.grad_accum_steps:
@@ -162,6 +166,8 @@ class PruneConfig:
                                   "expansion_only_skip_expand1).")
     bn_calibration_steps: int = _f(10, "Training batches used to re-estimate BN statistics after a shrink "
                                        "(0 = keep the folded statistics).")
+    round_to: int = _f(1, "Keep every shrinking branch's surviving width a multiple of N (the channels with the "
+                          "largest |scale| survive; a branch may still go to 0); 1 = off.")
 
     def __post_init__(self) -> None:
         _choice("prune", "penalty", self.penalty, ("seconds", "macs", "equal", "none"))
@@ -170,6 +176,7 @@ class PruneConfig:
         _positive("prune", "threshold", self.threshold, allow_zero=True)
         _positive("prune", "shrink_delta_seconds", self.shrink_delta_seconds, allow_zero=True)
         _positive("prune", "bn_calibration_steps", self.bn_calibration_steps, allow_zero=True)
+        _positive("prune", "round_to", self.round_to)
         if self.epoch_warmup and self.epoch_warmup < self.epoch_free:
             raise ConfigError(f"prune.epoch_warmup ({self.epoch_warmup}) must be 0 or >= prune.epoch_free "
                               f"({self.epoch_free})")
@@ -185,7 +192,16 @@ class LatencyConfig:
     threads: int = _f(1, "CPU threads while timing (fixed so numbers are comparable).")
     warmup: int = _f(5, "Untimed runs before timing each op.")
     repeats: int = _f(15, "Timed runs per op; the median is used.")
-    cost: str = _f("average", "Per-channel cost of a branch: average = seconds / width (the seed's rule).")
+    cost: str = _f("marginal", "Per-channel cost of a branch: marginal = slope of its measured latency-vs-width "
+                               "curve at the current width (follows the hardware's staircase, refreshed after "
+                               "every shrink); average = seconds / width (the seed's rule).")
+    width_step: int = _f(8, "marginal: the latency curve is sampled every width_step channels (coarser for wide "
+                            "branches, see max_samples), always including the current width and one step below.")
+    max_samples: int = _f(12, "marginal: at most about this many widths per branch curve (keeps profiling fast).")
+    backend: str = _f("torch", "Runtime the ops are timed with: torch (eager) or onnxruntime (each op exported to "
+                               "ONNX; CPU provider, CUDA provider on cuda devices). Needs the onnx extra.")
+    lut_strict: bool = _f(False, "A latency.lut built for another device fingerprint: false = warn and measure "
+                                 "this device (adding its entries), true = stop with an error.")
 
     def __post_init__(self) -> None:
         if not (self.device == "cpu" or self.device == "cuda" or
@@ -194,7 +210,11 @@ class LatencyConfig:
         _positive("latency", "batch_size", self.batch_size)
         _positive("latency", "threads", self.threads)
         _positive("latency", "repeats", self.repeats)
-        _choice("latency", "cost", self.cost, ("average",))
+        _choice("latency", "cost", self.cost, ("marginal", "average"))
+        _choice("latency", "backend", self.backend, ("torch", "onnxruntime"))
+        _positive("latency", "width_step", self.width_step)
+        if self.max_samples < 2:
+            raise ConfigError(f"latency.max_samples: must be >= 2, got {self.max_samples}")
 
 
 @dataclass

@@ -9,9 +9,9 @@ import contextlib
 import math
 import sys
 import time
-from typing import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,7 @@ from dist_hrnas.metrics import NullWriter, get_logger, make_writer
 from dist_hrnas.models import (HRNet, build_model, count_macs, count_params, export_arch, model_from_arch,
                                save_arch_file)
 from dist_hrnas.optim import ModelEma, build_optimizer, build_scheduler, scaled_lr
-from dist_hrnas.search import Search
+from dist_hrnas.search import Search, calibrate_bn
 from dist_hrnas.surgery import ShrinkResult, carry_optimizer_state
 
 
@@ -258,8 +258,11 @@ def run(cfg: Config, ctx: distributed.DistContext) -> dict:
     started = time.perf_counter()
 
     def validate(epoch: int) -> tuple[float, float]:
-        distributed.sync_bn_buffers_(model)
-        result = evaluate(state.ema.module if state.ema else model, val_loader, ctx.device)
+        evaluated = state.ema.module if state.ema else model
+        if cfg.train.eval_bn_calibration_steps:  # running statistics only: training itself is unaffected
+            calibrate_bn(evaluated, train_loader, cfg.train.eval_bn_calibration_steps, ctx.device)
+        distributed.sync_bn_buffers_(evaluated)
+        result = evaluate(evaluated, val_loader, ctx.device)
         writer.scalar("val/top1", result[0], state.step)
         writer.scalar("val/loss", result[1], state.step)
         log.info(f"epoch {epoch + 1}/{cfg.train.epochs} step {state.step}: val top1 {result[0]:.4f} "

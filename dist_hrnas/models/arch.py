@@ -21,6 +21,7 @@ import yaml
 
 from dist_hrnas.config import ConfigError, ModelConfig, build_config, yaml_load
 from dist_hrnas.errors import UserError
+from dist_hrnas.fileio import atomic_write_text
 from dist_hrnas.models.hrnet import HRNet
 
 ARCH_FORMAT = "dist_hrnas.arch/v1"
@@ -87,10 +88,7 @@ def load_arch_file(path: str | os.PathLike) -> dict:
 
 def save_arch_file(arch: dict, path: str | os.PathLike) -> None:
     """Write atomically so a crash never leaves a half-written architecture behind."""
-    p = Path(path)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(arch, sort_keys=False, default_flow_style=None))
-    os.replace(tmp, p)
+    atomic_write_text(Path(path), yaml.safe_dump(arch, sort_keys=False, default_flow_style=None))
 
 
 def build_model(spec: ModelConfig) -> HRNet:

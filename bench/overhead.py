@@ -1,0 +1,178 @@
+"""What the search machinery costs, measured side by side on this machine. Prints one JSON object and writes it
+to ``bench/results/overhead.json``.
+
+(a) ``search_step_ratio``: step time of search training (latency-weighted L1 term + its logging) over plain
+    training of the same digits supernet, same data, rounds interleaved. Target <= 1.05.
+(b) ``shrink_s``: one shrink of the ImageNet supernet on CPU, 2 gloo ranks: mask broadcast + surgery +
+    cross-rank hash check + optimizer rebuild with sliced state + a new DDP (and DeepSpeed ZeRO-2) engine.
+    Target <= 2 s.
+(c) ``two_rank_speedup``: plain training throughput of 2 gloo ranks over 1 rank (one thread per process,
+    same per-rank batch). Target >= 1.6.
+
+Usage: ``python bench/overhead.py [--rounds N] [--steps N] [--out FILE]``
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+from dist_hrnas.config import load_config  # noqa: E402
+from dist_hrnas.distributed import DistContext  # noqa: E402
+from tests.multirank import run_ranks  # noqa: E402  (2 gloo ranks, FileStore rendezvous)
+
+DIGITS = ROOT / "configs" / "digits.yaml"
+IMAGENET = ROOT / "configs" / "hrnas_imagenet.yaml"
+QUIET = ["log.progress=false", "log.tensorboard=false", "latency.warmup=1", "latency.repeats=3"]
+
+
+def _digits_state(ctx: DistContext, steps: int, overrides: list[str]):
+    """Config, loaders and a TrainState for the digits supernet, the way train.run builds them."""
+    from dist_hrnas.data import build_datasets, build_loaders
+    from dist_hrnas.models import build_model
+    from dist_hrnas.optim import scaled_lr
+    from dist_hrnas.train import build_state
+
+    cfg = load_config(DIGITS, [*QUIET, f"train.max_steps_per_epoch={steps}", *overrides])
+    torch.manual_seed(0)
+    data = build_datasets(cfg.data)
+    model = build_model(cfg.model)
+    loader, _, sampler = build_loaders(data, cfg.train.batch_size_per_rank, 0, 0, ctx.rank, ctx.world_size)
+    lr = scaled_lr(cfg.train, cfg.train.batch_size_per_rank * ctx.world_size)
+    return cfg, data, loader, build_state(cfg, ctx, model, lr, steps, None)
+
+
+def _epoch_s(state, loader, search, cfg, ctx, epoch: int) -> float:
+    from dist_hrnas import distributed
+    from dist_hrnas.metrics import NullWriter
+    from dist_hrnas.train import train_one_epoch
+
+    distributed.barrier()
+    start = time.perf_counter()
+    train_one_epoch(state, loader, search, cfg, ctx, NullWriter(), epoch)
+    distributed.barrier()
+    return time.perf_counter() - start
+
+
+def search_step_ratio(steps: int, rounds: int) -> dict:
+    """Interleaved rounds of plain and search epochs on one model; ratio of the median step times."""
+    from dist_hrnas.search import Search
+
+    torch.set_num_threads(1)
+    ctx = DistContext()
+    cfg, data, loader, state = _digits_state(ctx, steps, ["prune.penalty=seconds", "train.log_every=10"])
+    with tempfile.TemporaryDirectory() as tmp:
+        search = Search(cfg, state.model, data.image_size, Path(tmp))
+        _epoch_s(state, loader, None, cfg, ctx, 0)                      # warm-up: allocator, caches
+        plain, searching = [], []
+        for r in range(rounds):
+            plain.append(_epoch_s(state, loader, None, cfg, ctx, 2 * r + 1) / steps)
+            searching.append(_epoch_s(state, loader, search, cfg, ctx, 2 * r + 2) / steps)
+    return {"plain_step_s": statistics.median(plain), "search_step_s": statistics.median(searching),
+            "search_step_ratio": statistics.median(searching) / statistics.median(plain),
+            "steps_per_round": steps, "rounds": rounds, "target_max": 1.05}
+
+
+def _shrink_rank(rank: int, engine: str) -> dict:
+    """One shrink of the ImageNet supernet with optimizer state, timed phase by phase on every rank."""
+    from dist_hrnas import distributed
+    from dist_hrnas.models import build_model
+    from dist_hrnas.search import broadcast_masks, check_same_on_all_ranks
+    from dist_hrnas.surgery import shrink_model
+    from dist_hrnas.train import build_state, rebuild_after_shrink
+
+    cfg = load_config(IMAGENET, [*QUIET, f"dist.engine={engine}", "dist.deepspeed.zero_stage=2"])
+    ctx = DistContext(rank=rank, world_size=2, backend="gloo")
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    state = build_state(cfg, ctx, model, 0.1, 100, None)
+    x = torch.randn(2, 3, 64, 64)                                      # one real step: optimizer state to carry
+    state.engine.backward(state.engine(x).logsumexp(1).mean())
+    state.engine.step()
+    gen = torch.Generator().manual_seed(rank)                          # ranks propose different masks...
+    masks = {name: [torch.rand(w, generator=gen) > 0.3 for w in block.widths] for name, block in model.named_blocks()}
+    phases = {}
+    distributed.barrier()
+    start = time.perf_counter()
+    masks = broadcast_masks(model, masks)                              # ...rank 0's are applied everywhere
+    phases["broadcast_masks_s"] = time.perf_counter() - start
+    old_params = dict(model.named_parameters())
+    result = shrink_model(model, masks)
+    phases["surgery_s"] = time.perf_counter() - start - sum(phases.values())
+    check_same_on_all_ranks(model, step=1)
+    phases["hash_check_s"] = time.perf_counter() - start - sum(phases.values())
+    rebuild_after_shrink(state, cfg, ctx, result, old_params)
+    phases["rebuild_s"] = time.perf_counter() - start - sum(phases.values())
+    distributed.barrier()
+    phases["shrink_s"] = time.perf_counter() - start
+    state.engine.release()
+    return phases
+
+
+def shrink_time() -> dict:
+    out = {}
+    engines = ["ddp"]
+    try:
+        import deepspeed  # noqa: F401
+        engines.append("deepspeed")
+    except ImportError:
+        pass
+    for engine in engines:
+        (s0, r0), (s1, r1) = run_ranks(_shrink_rank, engine)
+        if s0 != "ok" or s1 != "ok":
+            raise RuntimeError(f"shrink benchmark failed: {r0 if s0 != 'ok' else r1}")
+        out[engine if engine == "ddp" else "deepspeed_zero2"] = {k: round(max(r0[k], r1[k]), 4) for k in r0}
+    return {"shrink_s": out, "model": "hrnas_imagenet supernet", "target_max_s": 2.0}
+
+
+def _throughput_rank(rank: int, steps: int, world_size: int) -> float:
+    ctx = DistContext(rank=rank, world_size=world_size, backend="gloo" if world_size > 1 else "")
+    cfg, _, loader, state = _digits_state(ctx, steps, ["prune.penalty=none"])
+    _epoch_s(state, loader, None, cfg, ctx, 0)
+    seconds = statistics.median(_epoch_s(state, loader, None, cfg, ctx, e) for e in (1, 2, 3))
+    state.engine.release()
+    return steps * cfg.train.batch_size_per_rank * world_size / seconds
+
+
+def scaling(steps: int) -> dict:
+    torch.set_num_threads(1)
+    one = _throughput_rank(0, steps, 1)
+    (s0, r0), (s1, r1) = run_ranks(_throughput_rank, steps, 2)
+    if s0 != "ok" or s1 != "ok":
+        raise RuntimeError(f"scaling benchmark failed: {r0 if s0 != 'ok' else r1}")
+    return {"samples_per_s_1rank": one, "samples_per_s_2ranks": r0, "two_rank_speedup": r0 / one,
+            "threads_per_rank": 1, "target_min": 1.6}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "overhead.json"))
+    args = parser.parse_args()
+    result = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                          "torch": torch.__version__, "python": platform.python_version()}}
+    result |= search_step_ratio(args.steps, args.rounds)
+    result |= shrink_time()
+    result |= scaling(args.steps)
+    from dist_hrnas.fileio import atomic_write_json
+
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(Path(args.out), result)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Latency budget: plan how many seconds to prune by when, steer rho to follow the plan, land on the target.
+
+Three pieces, all plain arithmetic on numbers every rank already shares (the profile is broadcast by rank 0,
+the masks are broadcast before they are used), so every rank computes the same rho at every step:
+
+- :class:`PrunedSecondsPlan`: planned pruned seconds against (fractional) epoch, ``linear``, ``cosine`` or
+  ``exp`` from ``prune.epoch_free`` to ``prune.epoch_target``.
+- :class:`RhoController`: proportional-integral feedback on the gap between planned and predicted pruned
+  seconds, in log-rho space (rho acts multiplicatively: a gap of 10% of the budget should scale rho, not add a
+  constant to it), clipped to ``[rho0 / max_factor, rho0 * max_factor]`` with anti-windup.
+- :func:`fit_masks_to_budget`: the last word at a shrink. Dead channels that would take the network more
+  than the tolerance below the target are revived (best |gamma| per second first); at the last chance, live
+  channels are removed (worst |gamma| per second first) until the network fits the target.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+SCHEDULES = ("linear", "cosine", "exp")
+_EXP_RATE = 3.0  # exp schedule: 95% of the budget pruned by the end, front-loaded
+
+
+def schedule_fraction(shape: str, x: float) -> float:
+    """Share of the budget planned to be pruned at progress ``x`` in [0, 1]."""
+    x = min(1.0, max(0.0, x))
+    if shape == "linear":
+        return x
+    if shape == "cosine":
+        return (1.0 - math.cos(math.pi * x)) / 2.0
+    if shape == "exp":
+        return (1.0 - math.exp(-_EXP_RATE * x)) / (1.0 - math.exp(-_EXP_RATE))
+    raise ValueError(f"unknown schedule {shape!r}; use one of {SCHEDULES}")
+
+
+@dataclass(frozen=True)
+class PrunedSecondsPlan:
+    """Seconds (predicted, latency-model units) to have pruned by each point of training."""
+
+    total_s: float
+    epoch_free: float
+    epoch_target: float
+    shape: str = "linear"
+
+    def planned_s(self, epoch: float) -> float:
+        span = self.epoch_target - self.epoch_free
+        x = 1.0 if span <= 0 else (epoch - self.epoch_free) / span
+        return self.total_s * schedule_fraction(self.shape, x)
+
+
+class RhoController:
+    """PI controller on ``(planned - actual) / total`` that sets rho; frozen at 0 once the budget is met."""
+
+    def __init__(self, rho0: float, kp: float, ki: float, max_factor: float):
+        self.rho0, self.kp, self.ki, self.max_factor = rho0, kp, ki, max_factor
+        self.integral = 0.0
+        self.error = 0.0
+        self.rho = rho0
+        self.done = False
+
+    def update(self, planned_s: float, actual_s: float, total_s: float, dt_epochs: float) -> float:
+        """New rho from the gap now; ``dt_epochs`` since the last update weights the integral."""
+        if self.done:
+            return 0.0
+        self.error = (planned_s - actual_s) / total_s if total_s > 0 else 0.0  # > 0: behind the plan
+        limit = math.log(self.max_factor)
+        candidate = self.integral + self.error * dt_epochs
+        # anti-windup: stop integrating in the direction that is already saturated
+        if self.ki <= 0 or abs(self.kp * self.error + self.ki * candidate) <= limit or \
+                abs(candidate) < abs(self.integral):
+            self.integral = candidate
+        u = max(-limit, min(limit, self.kp * self.error + self.ki * self.integral))
+        self.rho = self.rho0 * math.exp(u)
+        return self.rho
+
+    def finish(self) -> None:
+        """Budget reached: no more penalty, masks frozen (the loop stops shrinking)."""
+        self.done, self.rho = True, 0.0
+
+    def state_dict(self) -> dict:
+        return {"integral": self.integral, "error": self.error, "rho": self.rho, "done": self.done}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.integral, self.error = float(state["integral"]), float(state["error"])
+        self.rho, self.done = float(state["rho"]), bool(state["done"])
+
+
+@dataclass
+class BranchChannels:
+    """The channels of one prunable branch as a shrink decision sees them."""
+
+    block: str
+    index: int                 # branch index inside the block (masks are per block, in branch order)
+    scores: torch.Tensor       # |gamma| per channel
+    seconds_per_channel: float
+
+
+@dataclass
+class BudgetFit:
+    revived: int = 0
+    removed: int = 0
+    latency_s_after: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def fit_masks_to_budget(masks: dict[str, list[torch.Tensor]], branches: list[BranchChannels], current_s: float,
+                        target_s: float, tolerance: float, force: bool) -> BudgetFit:
+    """Edit ``masks`` in place so the shrunk network lands in ``[target (1 - tolerance), target]`` seconds.
+
+    ``masks`` must hold a mask list for every block named in ``branches``. ``current_s``: predicted seconds
+    of the network before this shrink. Too far below the target: revive dead channels, highest |gamma| per
+    second first, while they fit under the target. Above the target and ``force`` (the search's last chance
+    to meet the budget): remove live channels, lowest |gamma| per second first, until the target is met.
+    """
+    def value(b: BranchChannels, c: int) -> float:  # what a channel is worth per second it costs
+        return float(b.scores[c]) / max(b.seconds_per_channel, 1e-15)
+
+    after = current_s - sum(int((~masks[b.block][b.index]).sum()) * b.seconds_per_channel for b in branches)
+    fit = BudgetFit()
+    if after < target_s * (1.0 - tolerance):
+        dead = [(value(b, c), b, c) for b in branches
+                for c in torch.nonzero(~masks[b.block][b.index]).flatten().tolist()]
+        for _, b, c in sorted(dead, key=lambda t: -t[0]):
+            if after + b.seconds_per_channel <= target_s:
+                masks[b.block][b.index][c] = True
+                after += b.seconds_per_channel
+                fit.revived += 1
+    elif after > target_s and force:
+        live = [(value(b, c), b, c) for b in branches
+                for c in torch.nonzero(masks[b.block][b.index]).flatten().tolist()]
+        for _, b, c in sorted(live, key=lambda t: t[0]):
+            if after <= target_s:
+                break
+            masks[b.block][b.index][c] = False
+            after -= b.seconds_per_channel
+            fit.removed += 1
+    fit.latency_s_after = after
+    return fit

@@ -1,0 +1,92 @@
+"""Budget arithmetic: the planned schedule, the rho controller in closed loop, fitting masks to the target."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dist_hrnas.budget import BranchChannels, PrunedSecondsPlan, RhoController, fit_masks_to_budget
+
+
+@pytest.mark.parametrize("shape", ["linear", "cosine", "exp"])
+def test_plan_starts_at_zero_ends_at_the_budget_and_never_falls(shape):
+    plan = PrunedSecondsPlan(total_s=0.04, epoch_free=1.0, epoch_target=5.0, shape=shape)
+    values = [plan.planned_s(e / 10) for e in range(0, 81)]
+    assert values[0] == plan.planned_s(1.0) == 0.0
+    assert plan.planned_s(5.0) == pytest.approx(0.04) and plan.planned_s(8.0) == pytest.approx(0.04)
+    assert all(b >= a for a, b in zip(values, values[1:]))
+    mid = plan.planned_s(3.0) / 0.04
+    assert mid == pytest.approx({"linear": 0.5, "cosine": 0.5}.get(shape, mid))
+    if shape == "exp":
+        assert mid > 0.75  # front-loaded
+
+
+def test_plan_rejects_an_unknown_shape():
+    with pytest.raises(ValueError, match="linear"):
+        PrunedSecondsPlan(1.0, 0, 1, "square").planned_s(0.5)
+
+
+def _closed_loop(controller: RhoController, plan: PrunedSecondsPlan, gain: float, steps: int = 400) -> list[float]:
+    """A toy plant: the pruning rate is proportional to rho (seconds per epoch = gain * rho)."""
+    actual, gaps = 0.0, []
+    dt = plan.epoch_target / steps
+    for i in range(steps):
+        epoch = i * dt
+        rho = controller.update(plan.planned_s(epoch), actual, plan.total_s, dt)
+        actual += gain * rho * dt
+        gaps.append((plan.planned_s(epoch + dt) - actual) / plan.total_s)
+    return gaps
+
+
+@pytest.mark.parametrize("gain", [0.125, 0.5, 2.0, 8.0])
+def test_controller_makes_the_pruned_seconds_follow_the_plan_whatever_the_plant_gain(gain):
+    """rho0 is right for gain 0.5 only (0.25 s per epoch needed); 4x and 16x off, feedback closes the gap."""
+    plan = PrunedSecondsPlan(total_s=1.0, epoch_free=0.0, epoch_target=4.0)
+    gaps = _closed_loop(RhoController(rho0=0.5, kp=10.0, ki=20.0, max_factor=100.0), plan, gain)
+    assert abs(gaps[-1]) < 0.01 and max(abs(g) for g in gaps[len(gaps) // 2:]) < 0.06
+    if gain != 0.5:
+        open_loop = _closed_loop(RhoController(rho0=0.5, kp=0.0, ki=0.0, max_factor=100.0), plan, gain)
+        assert abs(open_loop[-1]) > 0.5
+
+
+def test_controller_is_clipped_and_stops_at_zero_when_finished():
+    c = RhoController(rho0=1e-3, kp=10.0, ki=10.0, max_factor=10.0)
+    for _ in range(100):
+        rho = c.update(planned_s=1.0, actual_s=0.0, total_s=1.0, dt_epochs=1.0)
+    assert rho == pytest.approx(1e-2)
+    assert c.integral <= math.log(10.0) / 10.0 + 1.0  # anti-windup kept the integral bounded
+    c.finish()
+    assert c.update(1.0, 0.0, 1.0, 1.0) == 0.0 and c.rho == 0.0
+    restored = RhoController(1e-3, 10.0, 10.0, 10.0)
+    restored.load_state_dict(c.state_dict())
+    assert restored.done and restored.update(1.0, 0.0, 1.0, 1.0) == 0.0
+
+
+def _branches() -> tuple[dict, list[BranchChannels]]:
+    a = BranchChannels("a", 0, torch.tensor([0.5, 0.4, 0.3, 0.2]), seconds_per_channel=1.0)
+    b = BranchChannels("b", 0, torch.tensor([0.9, 0.1, 0.05, 0.6]), seconds_per_channel=2.0)
+    masks = {"a": [torch.tensor([True, False, False, False])], "b": [torch.tensor([True, False, False, True])]}
+    return masks, [a, b]
+
+
+def test_dead_channels_that_undershoot_are_revived_best_value_per_second_first():
+    masks, branches = _branches()
+    # 20 s network; the masks would remove 3 x 1 s + 2 x 2 s = 7 s -> 13 s; target 16.5 s, 5% tolerance
+    fit = fit_masks_to_budget(masks, branches, current_s=20.0, target_s=16.5, tolerance=0.05, force=False)
+    # candidates by |gamma| per second: a1 0.4, a2 0.3, a3 0.2, b1 0.05, b2 0.025 -> a1, a2, a3 fit (16 s)
+    assert fit.revived == 3 and fit.latency_s_after == pytest.approx(16.0)
+    assert masks["a"][0].all() and masks["b"][0].tolist() == [True, False, False, True]
+    assert 16.5 * 0.95 <= fit.latency_s_after <= 16.5
+
+
+def test_within_tolerance_nothing_changes_and_over_target_only_force_removes():
+    masks, branches = _branches()
+    fit = fit_masks_to_budget(masks, branches, current_s=20.0, target_s=13.5, tolerance=0.05, force=False)
+    assert fit.revived == fit.removed == 0 and fit.latency_s_after == pytest.approx(13.0)
+    fit = fit_masks_to_budget(masks, branches, current_s=20.0, target_s=10.0, tolerance=0.05, force=False)
+    assert fit.removed == 0 and fit.latency_s_after == pytest.approx(13.0)
+    fit = fit_masks_to_budget(masks, branches, current_s=20.0, target_s=10.0, tolerance=0.05, force=True)
+    # live: a0 0.5/s, b0 0.45/s, b3 0.3/s -> remove b3 (11 s), then b0 (9 s): at or under 10 s
+    assert fit.removed == 2 and fit.latency_s_after == pytest.approx(9.0)
+    assert masks["b"][0].tolist() == [False, False, False, False] and masks["a"][0].tolist()[0]
