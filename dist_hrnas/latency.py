@@ -1,29 +1,32 @@
 """Latency on the target device: per kernel branch, end to end, and the per-channel cost the search uses.
 
-Only global rank 0 measures (so no other rank disturbs the timing); the others wait at a barrier and
-receive the figures as one broadcast tensor (:func:`profile_on_rank0`).
+Only global rank 0 measures (so no other rank disturbs the timing); the others wait and receive the figures
+as one broadcast tensor (:func:`profile_on_rank0`). Each branch is timed at several widths (its latency
+curve, :mod:`dist_hrnas.latency_curve`); timings are cached per device in the LUT file (:mod:`dist_hrnas.lut`).
 """
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import statistics
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from dist_hrnas import distributed
 from dist_hrnas.config import LatencyConfig
 from dist_hrnas.errors import UserError
-from dist_hrnas.models import AtomicBlock, HRNet
-
-
-def branch_key(block_name: str, kernel: int) -> str:
-    """Stable name of a kernel branch: kernel sizes are unique inside a block, indices shift on removal."""
-    return f"{block_name}:k{kernel}"
+from dist_hrnas.latency_curve import (Curve, LatencyProfile, branch_key, curve_value, marginal_s,  # noqa: F401
+                                      sample_widths)
+from dist_hrnas.lut import LatencyTable
+from dist_hrnas.models import AtomicBlock, HRNet, export_arch, model_from_arch
+from dist_hrnas.models.blocks import KernelBranch
 
 
 def target_device(cfg: LatencyConfig) -> torch.device:
@@ -61,6 +64,7 @@ class Timer:
                  clock: Callable[[], float] = time.perf_counter):
         self.device, self.warmup, self.repeats, self.clock = device, warmup, repeats, clock
         self.calls = 0  # how many callables were timed (tests assert who measured)
+        self.counts: dict[str, int] = {}  # per kind of callable (op, fixed, network; see Timed)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -68,6 +72,8 @@ class Timer:
 
     def __call__(self, fn: Callable[[], object]) -> Timing:
         self.calls += 1
+        what = getattr(fn, "what", "")
+        self.counts[what] = self.counts.get(what, 0) + 1
         for _ in range(self.warmup):
             fn()
         self._sync()
@@ -103,102 +109,160 @@ def block_input_shapes(model: HRNet, image_size: int) -> dict[str, tuple[int, in
     return shapes
 
 
-def op_signature(block: AtomicBlock, branch_index: int, in_shape: tuple[int, int, int]) -> tuple:
+def op_signature(block: AtomicBlock, branch_index: int, in_shape: tuple[int, int, int]) -> str:
     """What decides a branch's latency; identical ops anywhere in the network share one measurement."""
     branch = block.branches[branch_index]
-    return (block.in_channels, block.out_channels, branch.hidden, branch.kernel, block.stride,
-            in_shape[1], in_shape[2], branch.expand)
+    return op_key(block, branch.kernel, branch.hidden, in_shape)
+
+
+def op_key(block: AtomicBlock, kernel: int, width: int, in_shape: tuple[int, int, int]) -> str:
+    """LUT signature of a kernel branch at ``width`` hidden channels (batch size and dtype are in the fingerprint)."""
+    return (f"c{block.in_channels}-{block.out_channels}_h{width}_k{kernel}_s{block.stride}_{in_shape[1]}x{in_shape[2]}"
+            f"_{'e' if block.expand else 'ne'}_{block.act}")
 
 
 @dataclass
-class LatencyProfile:
-    """Measured seconds of the network and of each kernel branch, and the per-channel costs derived."""
+class BranchPlan:
+    """One kernel branch to profile: the widths of its curve and each sample's LUT signature."""
 
-    network_s: float                                   # end to end, at the widths it was measured at
-    branch_s: dict[str, float]                         # per branch key, at ``branch_width``
-    branch_width: dict[str, int]
-    fixed_s: float = field(init=False)                 # stem, fuse sums/upsampling, head conv, classifier
-
-    def __post_init__(self) -> None:
-        self.fixed_s = max(0.0, self.network_s - sum(self.branch_s.values()))
-
-    def per_channel_s(self, key: str) -> float:
-        """Average cost of one channel of a branch (seconds / width)."""
-        return self.branch_s[key] / self.branch_width[key]
-
-    def predict_s(self, model: HRNet) -> float:
-        """Predicted end-to-end seconds of ``model`` (possibly shrunk) from the per-channel costs."""
-        total = self.fixed_s
-        for name, block in model.named_blocks():
-            for branch in block.branches:
-                key = branch_key(name, branch.kernel)
-                total += self.per_channel_s(key) * branch.hidden
-        return total
-
-    def to_tensor(self, keys: list[str]) -> torch.Tensor:
-        return torch.tensor([self.network_s] + [self.branch_s[k] for k in keys], dtype=torch.float64)
-
-    @classmethod
-    def from_tensor(cls, t: torch.Tensor, keys: list[str], widths: dict[str, int]) -> "LatencyProfile":
-        values = t.tolist()
-        return cls(values[0], dict(zip(keys, values[1:])), {k: widths[k] for k in keys})
+    key: str
+    block: AtomicBlock
+    kernel: int
+    in_shape: tuple[int, int, int]
+    samples: list[tuple[int, str]]  # (width, op signature)
 
 
-def _latency_copy(model: HRNet, device: torch.device) -> HRNet:
-    return copy.deepcopy(model).to(device).eval()
+def plan_branches(model: HRNet, image_size: int, cfg: LatencyConfig) -> list[BranchPlan]:
+    shapes = block_input_shapes(model, image_size)
+    plans = []
+    for name, block in model.named_blocks():
+        for branch in block.branches:
+            widths = sample_widths(branch.hidden, cfg)
+            plans.append(BranchPlan(branch_key(name, branch.kernel), block, branch.kernel, shapes[name],
+                                    [(w, op_key(block, branch.kernel, w, shapes[name])) for w in widths]))
+    return plans
+
+
+def _op_at_width(block: AtomicBlock, kernel: int, width: int) -> KernelBranch:
+    """A fresh branch of ``width`` channels with the block's geometry: latency does not depend on weight values."""
+    return KernelBranch(block.in_channels, block.out_channels, width, kernel, block.stride, block.expand,
+                        block.act, block.bn_kwargs).eval()
+
+
+class Timed:
+    """A callable to time, labelled so tests (and fake timers) can tell ops from whole networks."""
+
+    def __init__(self, fn: Callable[[], object], what: str, width: int = 0):
+        self.fn, self.what, self.width = fn, what, width
+
+    def __call__(self) -> object:
+        return self.fn()
+
+
+def _runner(module: nn.Module, x: torch.Tensor, cfg: LatencyConfig, device: torch.device) -> Callable[[], object]:
+    if cfg.backend == "onnxruntime":
+        from dist_hrnas.onnx_timing import onnx_callable  # optional dependency, imported only when chosen
+        return onnx_callable(module, x, cfg.threads, device)
+    module = module.to(device).eval()
+    return lambda: module(x)
 
 
 @torch.no_grad()
-def measure_branches(model: HRNet, image_size: int, cfg: LatencyConfig, timer: Timer) -> dict[str, float]:
-    """Forward seconds of every kernel branch at its current width (each distinct op timed once)."""
-    device = timer.device
-    shapes = block_input_shapes(model, image_size)
-    net = _latency_copy(model, device)
-    cache: dict[tuple, float] = {}
-    out: dict[str, float] = {}
+def measure_branches(model: HRNet, image_size: int, cfg: LatencyConfig, timer: Timer,
+                     table: LatencyTable | None = None, progress: bool = False) -> dict[str, Curve]:
+    """Latency curve of every kernel branch; each distinct op (signature) is timed once, LUT entries reused."""
+    table = table or LatencyTable({})
+    plans = plan_branches(model, image_size, cfg)
+    todo: dict[str, tuple[BranchPlan, int]] = {}
+    for plan in plans:
+        for width, sig in plan.samples:
+            if table.get(sig) is None and sig not in todo:
+                todo[sig] = (plan, width)
     with cpu_threads(cfg.threads):
-        for name, block in net.named_blocks():
-            c, h, w = shapes[name]
-            x = torch.randn(cfg.batch_size, c, h, w, device=device)
-            for i, branch in enumerate(block.branches):
-                sig = op_signature(block, i, shapes[name])
-                if sig not in cache:
-                    cache[sig] = timer(lambda: branch(x)).median_s
-                out[branch_key(name, branch.kernel)] = cache[sig]
-    return out
+        for sig, (plan, width) in tqdm(todo.items(), desc="latency ops", unit="op", disable=not progress):
+            c, h, w = plan.in_shape
+            x = torch.randn(cfg.batch_size, c, h, w, device=timer.device)
+            run = _runner(_op_at_width(plan.block, plan.kernel, width), x, cfg, timer.device)
+            timing = timer(Timed(run, "op", width))
+            table.put(sig, timing.median_s, timing.spread_s)
+    return {p.key: [[float(w), table.get(sig)["median_s"]] for w, sig in p.samples] for p in plans}
+
+
+def fixed_part(model: HRNet) -> HRNet:
+    """``model`` with every kernel branch removed: what stays whatever the search decides."""
+    arch = export_arch(model)
+    for entry in arch["blocks"]:
+        entry["kernel_sizes"], entry["widths"] = [], []
+    return model_from_arch(arch)
+
+
+def fixed_key(model: HRNet, image_size: int) -> str:
+    """LUT signature of the fixed part: the macro structure and resolution (not the branch widths)."""
+    arch = export_arch(model)
+    shape = {"model": arch["model"], "blocks": [[b["name"], b["in"], b["out"], b["stride"]] for b in arch["blocks"]],
+             "image_size": image_size}
+    return "fixed_" + hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def measure_fixed(model: HRNet, image_size: int, cfg: LatencyConfig, timer: Timer, table: LatencyTable) -> float:
+    """Seconds of the fixed part, from the LUT or timed once (and added to it)."""
+    key = fixed_key(model, image_size)
+    if table.get(key) is None:
+        net = fixed_part(model)
+        x = torch.randn(cfg.batch_size, model.spec.image_channels, image_size, image_size, device=timer.device)
+        with cpu_threads(cfg.threads):
+            timing = timer(Timed(_runner(net, x, cfg, timer.device), "fixed"))
+        table.put(key, timing.median_s, timing.spread_s)
+    return table.get(key)["median_s"]
 
 
 @torch.no_grad()
 def measure_network(model: HRNet, image_size: int, cfg: LatencyConfig, timer: Timer) -> float:
     """End-to-end forward seconds of ``model`` at ``latency.batch_size`` on the target device."""
-    net = _latency_copy(model, timer.device)
+    net = copy.deepcopy(model)
     x = torch.randn(cfg.batch_size, model.spec.image_channels, image_size, image_size, device=timer.device)
     with cpu_threads(cfg.threads):
-        return timer(lambda: net(x)).median_s
+        return timer(Timed(_runner(net, x, cfg, timer.device), "network")).median_s
 
 
 def branch_widths(model: HRNet) -> dict[str, int]:
     return {branch_key(name, b.kernel): b.hidden for name, block in model.named_blocks() for b in block.branches}
 
 
-def profile_on_rank0(model: HRNet, image_size: int, cfg: LatencyConfig, timer: Timer | None = None) -> LatencyProfile:
-    """Rank 0 measures the network and its branches; every rank returns the same profile.
+def profile_on_rank0(model: HRNet, image_size: int, cfg: LatencyConfig, timer: Timer | None = None,
+                     progress: bool = False) -> LatencyProfile:
+    """Rank 0 measures (or reads from ``latency.lut``) the branch curves and the network; every rank returns the
+    same profile.
 
-    The other ranks wait at a barrier while rank 0 times, so they do not compete for the device.
-    Works without a process group (single process) as well.
+    Only rank 0 touches the LUT file and the device; the other ranks wait in the broadcast, so they neither
+    disturb the timing nor race on the file. A user error on rank 0 (corrupt LUT, strict fingerprint mismatch)
+    is raised on every rank, so none is left waiting. Works without a process group as well.
     """
     widths = branch_widths(model)
     keys = list(widths)
-    ctx_rank0 = not distributed.is_initialized() or distributed.rank() == 0
-    if ctx_rank0:
-        timer = timer or make_timer(cfg)
-        branch_s = measure_branches(model, image_size, cfg, timer)
-        packed = LatencyProfile(measure_network(model, image_size, cfg, timer), branch_s, widths).to_tensor(keys)
-    else:
-        packed = torch.zeros(len(keys) + 1, dtype=torch.float64)
-    distributed.barrier()
+    samples = {k: sample_widths(w, cfg) for k, w in widths.items()}
+    packed = torch.zeros(2 + sum(len(v) for v in samples.values()), dtype=torch.float64)
+    error = None
+    if not distributed.is_initialized() or distributed.rank() == 0:
+        try:
+            timer = timer or make_timer(cfg)
+            table = LatencyTable.open(cfg, timer.device)
+            curves = measure_branches(model, image_size, cfg, timer, table, progress)
+            fixed_s = measure_fixed(model, image_size, cfg, timer, table)
+            table.save()
+            network_s = measure_network(model, image_size, cfg, timer)  # reality, to check the prediction
+            branch_s = {k: curve_value(curves[k], widths[k]) for k in keys}
+            packed = LatencyProfile(network_s, branch_s, widths, curves, cfg.cost, fixed_s).to_tensor(keys)
+        except UserError as err:
+            if not distributed.is_initialized():
+                raise
+            error = str(err)
+    error = distributed.broadcast_object(error)
+    if error is not None:
+        raise UserError(error)
     distributed.broadcast_(packed, src=0)
-    return LatencyProfile.from_tensor(packed, keys, widths)
+    return LatencyProfile.from_tensor(packed, keys, widths, samples, cfg.cost)
 
 
 def measure_network_on_rank0(model: nn.Module, image_size: int, cfg: LatencyConfig,

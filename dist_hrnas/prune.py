@@ -124,10 +124,13 @@ class PruneRegistry:
                 if branch_key(name, branch.kernel) not in self.entries:
                     block_masks.append(torch.ones(branch.hidden, dtype=torch.bool))
                     continue
-                live = branch.dw_bn.weight.detach().abs().cpu() > thr
+                score = branch.dw_bn.weight.detach().abs().cpu()
                 if name in ema_blocks:
-                    ema_live = ema_blocks[name].branches[i].dw_bn.weight.detach().abs().cpu() > thr
-                    live = ema_live if ema_only else (live | ema_live)
+                    ema_score = ema_blocks[name].branches[i].dw_bn.weight.detach().abs().cpu()
+                    score = ema_score if ema_only else torch.maximum(score, ema_score)
+                live = score > thr  # alive if gamma or its EMA is (or, at the end, the EMA alone)
+                if self.cfg.round_to > 1 and not bool(live.all()):
+                    live = round_mask(score, int(live.sum()), self.cfg.round_to)
                 any_dead |= not bool(live.all())
                 block_masks.append(live)
             if any_dead:
@@ -145,14 +148,20 @@ class PruneRegistry:
                     total += int((~mask).sum()) * entry.seconds_per_channel
         return total
 
-    def update_after_shrink(self, model: HRNet) -> None:
-        """Drop removed branches, record new widths, renormalise (registry carried through surgery)."""
+    def update_after_shrink(self, model: HRNet, profile: LatencyProfile | None = None) -> None:
+        """Drop removed branches, record new widths, renormalise (registry carried through surgery).
+
+        With ``profile``, each branch's seconds per channel is re-read from its latency curve at the new
+        width, so a ``marginal`` cost follows the staircase as the branch narrows.
+        """
         alive = {}
         for name, block in model.named_blocks():
             for branch in block.branches:
                 key = branch_key(name, branch.kernel)
                 if key in self.entries:
                     self.entries[key].width = branch.hidden
+                    if profile is not None:
+                        self.entries[key].seconds_per_channel = profile.per_channel_s(key, branch.hidden)
                     alive[key] = self.entries[key]
         self.entries = alive
         self.renormalise()
@@ -166,6 +175,22 @@ class PruneRegistry:
     @classmethod
     def from_state_dict(cls, cfg: PruneConfig, state: dict) -> "PruneRegistry":
         return cls(cfg, [PrunableBranch(**e) for e in state["entries"]])
+
+
+def round_mask(score: torch.Tensor, alive: int, multiple: int) -> torch.Tensor:
+    """Keep-mask of the ``k`` channels with the largest score, k a multiple of ``multiple``.
+
+    k is ``alive`` rounded up to the next multiple (a live channel is never dropped for alignment), or down
+    to the largest multiple that fits when rounding up would exceed the width; 0 stays 0 (the branch goes).
+    """
+    width = score.numel()
+    keep = math.ceil(alive / multiple) * multiple
+    if keep > width:
+        keep = (width // multiple) * multiple
+    mask = torch.zeros(width, dtype=torch.bool)
+    if keep:
+        mask[torch.topk(score, keep, sorted=False).indices] = True
+    return mask
 
 
 def should_shrink(cfg: PruneConfig, pruned_seconds: float, dead_channels: int, last_epoch: bool) -> bool:

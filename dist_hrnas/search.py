@@ -118,6 +118,11 @@ def calibrate_bn(model: nn.Module, batches: Iterable, steps: int, device: torch.
     model.train(was_training)
 
 
+def error_pct(predicted: float, measured: float) -> float:
+    """Signed error of the prediction, in % of the measurement."""
+    return 100.0 * (predicted - measured) / measured if measured > 0 else 0.0
+
+
 class Search:
     """Search state for one run; identical on every rank (rank 0 measures and decides, others receive)."""
 
@@ -135,19 +140,18 @@ class Search:
             self.latency_ms_measured = self.latency_ms_supernet
             self.shrinks: list[dict] = []
         else:
-            p = saved["profile"]
-            self.profile = LatencyProfile(p["network_s"], dict(p["branch_s"]), dict(p["branch_width"]))
+            self.profile = LatencyProfile.from_state_dict(saved["profile"], cfg.latency.cost)
             self.registry = PruneRegistry.from_state_dict(cfg.prune, saved["registry"])
             self.latency_ms_supernet = saved["latency_ms_supernet"]
             self.supernet_predicted_s = saved["supernet_predicted_s"]
             self.latency_ms_measured = saved["latency_ms_measured"]
             self.shrinks = list(saved["shrinks"])
         self.pairs = self.registry.bns(model)
+        self._start_logged = bool(self.shrinks)  # a resumed run has logged its start already
 
     def state_dict(self) -> dict:
         """Plain data for the checkpoint (resuming measures nothing)."""
-        return {"profile": {"network_s": self.profile.network_s, "branch_s": dict(self.profile.branch_s),
-                            "branch_width": dict(self.profile.branch_width)},
+        return {"profile": self.profile.state_dict(),
                 "registry": self.registry.state_dict(), "latency_ms_supernet": self.latency_ms_supernet,
                 "supernet_predicted_s": self.supernet_predicted_s, "latency_ms_measured": self.latency_ms_measured,
                 "shrinks": list(self.shrinks)}
@@ -173,6 +177,12 @@ class Search:
         """Pruned-seconds schedule and registry scalars (masks computed from the current scales)."""
         if not self.enabled:
             return
+        if not self._start_logged:  # prediction vs reality for the supernet, once (the tags' first point)
+            self._start_logged = True
+            writer.scalar("prune/latency_ms_measured", self.latency_ms_supernet, 0)
+            writer.scalar("prune/latency_ms_predicted_net", self.supernet_predicted_s * 1e3, 0)
+            writer.scalar("prune/latency_error_pct",
+                          error_pct(self.supernet_predicted_s * 1e3, self.latency_ms_supernet), 0)
         dead_s = self.registry.pruned_seconds(model, self.registry.masks(model))
         now_ms = self.predicted_ms(model) - dead_s * 1e3
         writer.scalar("train/bn_l1_loss", l1, step)
@@ -207,7 +217,7 @@ class Search:
         if ema_model is not None:
             shrink_model(ema_model, masks)
         arch_hash, rank_hashes = check_same_on_all_ranks(model, step)
-        self.registry.update_after_shrink(model)
+        self.registry.update_after_shrink(model, self.profile)
         self.pairs = self.registry.bns(model)
         rebuild(result, old_params)
         if self.cfg.prune.bn_calibration_steps:
@@ -222,10 +232,14 @@ class Search:
                               latency_ms_predicted_before=round(before_ms, 4),
                               latency_ms_predicted_after=round(self.predicted_ms(model), 4),
                               latency_ms_measured_after=round(self.latency_ms_measured, 4),
-                              extra={"arch_hash": arch_hash, "rank_hashes": rank_hashes})
+                              extra={"latency_error_pct_after": round(error_pct(self.predicted_ms(model),
+                                                                                self.latency_ms_measured), 3),
+                                     "arch_hash": arch_hash, "rank_hashes": rank_hashes})
         self.shrinks.append(json.loads(record.to_json()))
         writer.scalar("prune/shrink", len(self.shrinks), step)
         writer.scalar("prune/latency_ms_measured", self.latency_ms_measured, step)
+        writer.scalar("prune/latency_ms_predicted_net", self.predicted_ms(model), step)
+        writer.scalar("prune/latency_error_pct", record.extra["latency_error_pct_after"], step)
         if distributed.rank() == 0:
             with open(self.run_dir / "shrinks.jsonl", "a") as f:
                 f.write(record.to_json() + "\n")

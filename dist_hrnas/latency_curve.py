@@ -1,0 +1,150 @@
+"""Latency-vs-width curves of kernel branches, and the per-channel costs and predictions derived from them.
+
+Latency is not linear in channels: kernels run channel counts in groups (multiples of 8/16/32 on CPUs and
+GPUs), so the curve is a staircase on top of a fixed per-branch cost. Each branch keeps its curve (seconds at
+a few sampled widths, plus the implicit point (0, 0): a branch without channels is removed and costs nothing).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from dist_hrnas.config import LatencyConfig
+
+# A noisy curve can dip (a wider op timed faster than a narrower one); the marginal cost never falls below
+# this share of the average cost, so no channel looks free (a zero penalty would never prune it).
+MIN_MARGINAL_FRACTION = 0.1
+
+Curve = list[list[float]]  # [[width, seconds], ...] sorted by width; plain data for checkpoints and JSON
+
+
+def branch_key(block_name: str, kernel: int) -> str:
+    """Stable name of a kernel branch: kernel sizes are unique inside a block, indices shift on removal."""
+    return f"{block_name}:k{kernel}"
+
+
+def sample_widths(width: int, cfg: LatencyConfig) -> list[int]:
+    """Widths a branch is timed at: every width_step (coarser for wide branches) plus width - step and width.
+
+    ``average`` needs only the current width. The sample grid stays on multiples of ``width_step`` so that
+    segments line up with the hardware's channel groups.
+    """
+    if cfg.cost == "average" or width <= 1:
+        return [width]
+    step = cfg.width_step
+    coarse = step * max(1, math.ceil(width / step / cfg.max_samples))
+    widths = set(range(coarse, width, coarse)) | {width}
+    if width - step >= 1:
+        widths.add(width - step)  # the slope at the current width is measured on one hardware step
+    return sorted(widths)
+
+
+def curve_value(curve: Curve, width: float) -> float:
+    """Seconds at ``width``: linear between samples, through (0, 0); exact at sampled widths."""
+    if width <= 0:
+        return 0.0
+    prev_w, prev_s = 0.0, 0.0
+    for w, s in curve:
+        if width <= w:
+            return prev_s + (s - prev_s) * (width - prev_w) / (w - prev_w)
+        prev_w, prev_s = w, s
+    if len(curve) >= 2:  # beyond the last sample: extend the last segment
+        (w0, s0), (w1, s1) = curve[-2], curve[-1]
+        return s1 + (s1 - s0) / (w1 - w0) * (width - w1)
+    return prev_s * width / prev_w
+
+
+def marginal_s(curve: Curve, width: int) -> float:
+    """Seconds one more channel costs at ``width``: the slope of the sampled segment (a, b] holding ``width``."""
+    if width <= 0:
+        return 0.0
+    prev_w, prev_s = 0.0, 0.0
+    slope = None
+    for w, s in curve:
+        if width <= w:
+            slope = (s - prev_s) / (w - prev_w)
+            break
+        prev_w, prev_s = w, s
+    if slope is None:
+        slope = curve_value(curve, width) / width if len(curve) < 2 else \
+            (curve[-1][1] - curve[-2][1]) / (curve[-1][0] - curve[-2][0])
+    average = curve_value(curve, width) / width
+    return max(slope, MIN_MARGINAL_FRACTION * average)
+
+
+@dataclass
+class LatencyProfile:
+    """Measured seconds of the network and the latency curve of each kernel branch.
+
+    ``branch_s``/``branch_width`` are each branch's seconds and width when it was measured (the supernet);
+    ``curves`` hold the samples the per-channel cost and the prediction are read from at any width.
+    """
+
+    network_s: float                                   # end to end, at the widths it was measured at
+    branch_s: dict[str, float]                         # per branch key, at ``branch_width``
+    branch_width: dict[str, int]
+    curves: dict[str, Curve] | None = None             # None: one sample per branch (its measured width)
+    cost: str = "average"                              # latency.cost: marginal or average
+    # Stem, shortcuts, fuse sums/upsampling, head conv, classifier: measured on its own (the network with
+    # every branch removed) when given, else what the branches leave of the end-to-end time.
+    fixed_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.curves is None:
+            self.curves = {k: [[float(self.branch_width[k]), float(s)]] for k, s in self.branch_s.items()}
+        if self.fixed_s is None:
+            self.fixed_s = max(0.0, self.network_s - sum(self.branch_s.values()))
+
+    def per_channel_s(self, key: str, width: int | None = None) -> float:
+        """Cost of one channel of a branch at ``width`` (default: its measured width), per ``cost``."""
+        width = self.branch_width[key] if width is None else width
+        if width <= 0:
+            return 0.0
+        if self.cost == "marginal":
+            return marginal_s(self.curves[key], width)
+        return curve_value(self.curves[key], width) / width
+
+    def branch_seconds(self, key: str, width: int) -> float:
+        return curve_value(self.curves[key], width)
+
+    def predict_s(self, model) -> float:
+        """Predicted end-to-end seconds of ``model`` (possibly shrunk): fixed part + each branch's curve."""
+        total = self.fixed_s
+        for name, block in model.named_blocks():
+            for branch in block.branches:
+                total += self.branch_seconds(branch_key(name, branch.kernel), branch.hidden)
+        return total
+
+    def to_tensor(self, keys: list[str]) -> torch.Tensor:
+        """[network_s, fixed_s, each key's curve seconds in order]: what rank 0 broadcasts."""
+        values = [self.network_s, self.fixed_s] + [s for k in keys for _, s in self.curves[k]]
+        return torch.tensor(values, dtype=torch.float64)
+
+    @classmethod
+    def from_tensor(cls, t: torch.Tensor, keys: list[str], widths: dict[str, int],
+                    samples: dict[str, list[int]] | None = None, cost: str = "average") -> "LatencyProfile":
+        """Inverse of :meth:`to_tensor`; ``samples`` (per key, the widths of its curve) default to ``widths``."""
+        values = t.tolist()
+        samples = samples or {k: [widths[k]] for k in keys}
+        curves, offset = {}, 2
+        for k in keys:
+            n = len(samples[k])
+            curves[k] = [[float(w), s] for w, s in zip(samples[k], values[offset:offset + n])]
+            offset += n
+        branch_s = {k: curve_value(curves[k], widths[k]) for k in keys}
+        return cls(values[0], branch_s, {k: widths[k] for k in keys}, curves, cost, values[1])
+
+    def state_dict(self) -> dict:
+        """Plain data (checkpoints stay ``weights_only``-loadable)."""
+        return {"network_s": self.network_s, "branch_s": dict(self.branch_s), "branch_width": dict(self.branch_width),
+                "curves": {k: [list(p) for p in c] for k, c in self.curves.items()}, "cost": self.cost,
+                "fixed_s": self.fixed_s}
+
+    @classmethod
+    def from_state_dict(cls, p: dict, cost: str | None = None) -> "LatencyProfile":
+        """Restore; checkpoints written before curves existed hold one sample per branch."""
+        return cls(p["network_s"], dict(p["branch_s"]), dict(p["branch_width"]),
+                   {k: [list(x) for x in c] for k, c in p["curves"].items()} if "curves" in p else None,
+                   cost or p.get("cost", "average"), p.get("fixed_s"))

@@ -1,0 +1,135 @@
+"""The latency lookup table (LUT): measured op timings cached in a JSON file, per device fingerprint.
+
+File layout (``format`` 1)::
+
+    {"format": 1,
+     "tables": {"<fingerprint id>": {"fingerprint": {...},
+                                     "ops": {"<op signature>": {"median_s": float, "spread_s": float}}}}}
+
+A fingerprint says what the numbers are valid for (device name, backend, torch version, dtype, threads,
+batch size); one file may hold tables of several devices, and writing one never drops another's entries.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import warnings
+from pathlib import Path
+
+import torch
+
+from dist_hrnas.config import LatencyConfig
+from dist_hrnas.errors import UserError
+from dist_hrnas.fileio import atomic_write_json
+
+FORMAT = 1
+
+
+class LutMismatchWarning(UserWarning):
+    """The LUT holds no table for this device fingerprint: its entries are not used, the ops are re-measured."""
+
+
+def _cpu_name() -> str:
+    """The CPU model (what decides CPU latency); /proc/cpuinfo on Linux, platform's guess elsewhere."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown-cpu"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return _cpu_name()
+
+
+def fingerprint(cfg: LatencyConfig, device: torch.device) -> dict:
+    """Everything that changes an op's measured seconds apart from the op itself."""
+    fp = {"device_type": device.type, "device_name": device_name(device), "backend": cfg.backend,
+          "torch": torch.__version__.split("+")[0], "dtype": "float32", "threads": cfg.threads,
+          "batch_size": cfg.batch_size}
+    if cfg.backend == "onnxruntime":
+        import onnxruntime  # only reached when the backend is selected (an optional dependency)
+        fp["onnxruntime"] = onnxruntime.__version__
+    return fp
+
+
+def fingerprint_id(fp: dict) -> str:
+    return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _differences(a: dict, b: dict) -> str:
+    keys = sorted(set(a) | set(b))
+    return ", ".join(f"{k}: {a.get(k)!r} in the file vs {b.get(k)!r} here" for k in keys if a.get(k) != b.get(k))
+
+
+def read_lut_file(path: Path) -> dict:
+    """The file's content (empty layout when it does not exist); a clear error when it is not a LUT."""
+    if not path.exists():
+        return {"format": FORMAT, "tables": {}}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"latency LUT {path} is corrupt ({err}): delete it or rebuild it with "
+                        f"python -m dist_hrnas.profile") from None
+    ok = (isinstance(data, dict) and data.get("format") == FORMAT and isinstance(data.get("tables"), dict)
+          and all(isinstance(t, dict) and isinstance(t.get("fingerprint"), dict) and isinstance(t.get("ops"), dict)
+                  for t in data["tables"].values()))
+    if not ok:
+        raise UserError(f"latency LUT {path} is corrupt (not a format-{FORMAT} dist_hrnas LUT): delete it or "
+                        f"rebuild it with python -m dist_hrnas.profile")
+    return data
+
+
+class LatencyTable:
+    """Op timings for one device fingerprint, backed by ``latency.lut`` (or by memory only when it is empty)."""
+
+    def __init__(self, fp: dict, path: Path | None = None, ops: dict[str, dict] | None = None):
+        self.fp, self.path = fp, path
+        self.ops: dict[str, dict] = dict(ops or {})
+        self.new: set[str] = set()  # signatures measured in this run (what save() adds)
+
+    @classmethod
+    def open(cls, cfg: LatencyConfig, device: torch.device) -> "LatencyTable":
+        """This fingerprint's table of ``cfg.lut``; on a fingerprint mismatch warn (or raise when strict)."""
+        fp = fingerprint(cfg, device)
+        if not cfg.lut:
+            return cls(fp)
+        path = Path(cfg.lut)
+        data = read_lut_file(path)
+        table = data["tables"].get(fingerprint_id(fp))
+        if table is not None:
+            return cls(fp, path, table["ops"])
+        if data["tables"]:
+            other = next(iter(data["tables"].values()))["fingerprint"]
+            what = _differences(other, fp)
+            if cfg.lut_strict:
+                raise UserError(f"latency LUT {path} was built for another device ({what}): profile this device "
+                                f"with python -m dist_hrnas.profile, or set latency.lut_strict=false to re-measure")
+            warnings.warn(f"latency LUT {path} has no entries for this device ({what}); re-measuring and adding "
+                          f"them (latency.lut_strict=true makes this an error)", LutMismatchWarning, stacklevel=2)
+        return cls(fp, path)
+
+    def get(self, sig: str) -> dict | None:
+        return self.ops.get(sig)
+
+    def put(self, sig: str, median_s: float, spread_s: float) -> None:
+        self.ops[sig] = {"median_s": median_s, "spread_s": spread_s}
+        self.new.add(sig)
+
+    def save(self) -> None:
+        """Merge this run's new entries into the file as it is now (other fingerprints untouched), atomically."""
+        if self.path is None or not self.new:
+            return
+        data = read_lut_file(self.path)  # re-read: another process may have added entries meanwhile
+        fid = fingerprint_id(self.fp)
+        table = data["tables"].setdefault(fid, {"fingerprint": self.fp, "ops": {}})
+        table["ops"].update({sig: self.ops[sig] for sig in sorted(self.new)})
+        atomic_write_json(self.path, data)
+        self.new.clear()
+

@@ -1,0 +1,185 @@
+"""Latency profiler: LUT cache and fingerprints, marginal (staircase) cost, round_to, profile CLI, onnxruntime."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from dist_hrnas import profile as profile_cli
+from dist_hrnas import train
+from dist_hrnas.config import PruneConfig, load_config
+from dist_hrnas.errors import UserError
+from dist_hrnas.latency import Timer, Timing, branch_key, plan_branches, profile_on_rank0
+from dist_hrnas.lut import LutMismatchWarning, read_lut_file
+from dist_hrnas.models import build_model, count_macs
+from dist_hrnas.prune import PruneRegistry, round_mask
+from dist_hrnas.surgery import shrink_model
+from tests.conftest import CONFIGS
+from tests.multirank import run_ranks
+from tests.test_search import SEARCH
+from tests.test_train import SMALL
+
+FAST = ["latency.warmup=0", "latency.repeats=1", "latency.batch_size=2"]
+
+
+def small_cfg(*extra: str):
+    return load_config(CONFIGS / "digits.yaml", [*SMALL, *FAST, *extra])
+
+
+def profile(cfg, timer=None):
+    model = build_model(cfg.model)
+    timer = timer or Timer(torch.device("cpu"), cfg.latency.warmup, cfg.latency.repeats)
+    return model, profile_on_rank0(model, cfg.data.image_size, cfg.latency, timer), timer
+
+
+def test_lut_is_reused_and_identical_ops_are_timed_once(tmp_path):
+    cfg = small_cfg(f"latency.lut={tmp_path / 'lut.json'}")
+    model, first, timer = profile(cfg)
+    distinct = {sig for p in plan_branches(model, 16, cfg.latency) for _, sig in p.samples}
+    n_samples = sum(len(p.samples) for p in plan_branches(model, 16, cfg.latency))
+    assert timer.counts["op"] == len(distinct) < n_samples  # the parallel blocks repeat ops
+    _, second, again = profile(cfg)
+    assert again.counts.get("op", 0) == 0 and again.counts.get("fixed", 0) == 0 and again.counts["network"] == 1
+    assert second.curves == first.curves and second.fixed_s == first.fixed_s
+
+
+def test_fingerprint_mismatch_warns_and_remeasures_or_stops_when_strict(tmp_path):
+    lut = tmp_path / "lut.json"
+    profile(small_cfg(f"latency.lut={lut}"))
+    with pytest.warns(LutMismatchWarning, match="batch_size: 2 in the file vs 3 here"):
+        _, _, timer = profile(small_cfg(f"latency.lut={lut}", "latency.batch_size=3"))
+    assert timer.counts["op"] > 0
+    tables = read_lut_file(lut)["tables"]
+    assert sorted(t["fingerprint"]["batch_size"] for t in tables.values()) == [2, 3]  # nothing lost
+    with pytest.raises(UserError, match=f"latency LUT {lut} was built for another device .*threads: 1 in the file "
+                                        f"vs 2 here"):
+        profile(small_cfg(f"latency.lut={lut}", "latency.threads=2", "latency.lut_strict=true"))
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"format": 1, "tables": []}', "[1, 2]"])
+def test_corrupt_lut_is_a_one_line_error_naming_the_file(tmp_path, capsys, content):
+    lut = tmp_path / "bad.json"
+    lut.write_text(content)
+    with pytest.raises(UserError, match=f"latency LUT {lut} is corrupt"):
+        profile(small_cfg(f"latency.lut={lut}"))
+    with pytest.raises(SystemExit) as exit_:
+        profile_cli.main(["--config", str(CONFIGS / "digits.yaml"), *SMALL, *FAST, "--out", str(lut), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1 and str(lut) in err
+    assert lut.read_text() == content  # never overwritten
+
+
+def _corrupt_lut_rank(rank: int, lut: str) -> str:
+    cfg = small_cfg(f"latency.lut={lut}")
+    profile(cfg)
+    return "no error"
+
+
+def test_corrupt_lut_stops_every_rank_not_only_rank0(tmp_path):
+    lut = tmp_path / "bad.json"
+    lut.write_text("{")
+    results = run_ranks(_corrupt_lut_rank, str(lut))
+    assert [r[0] for r in results] == ["error", "error"]
+    assert all("UserError" in r[1] and str(lut) in r[1] for r in results)
+
+
+STEPS = [1e-4, 1e-4, 4e-4, 4e-4, 2e-4, 2e-4, 2e-4, 2e-4]  # seconds each group of 8 channels adds
+BASE = 5e-4                                               # launching the branch's three ops
+
+
+def staircase(width: int) -> float:
+    return BASE + sum(STEPS[:math.ceil(width / 8)])
+
+
+class StaircaseTimer(Timer):
+    """Ops take staircase(width) seconds: what a device running channels in groups of 8 looks like."""
+
+    def __call__(self, fn) -> Timing:
+        self.calls += 1
+        self.counts[fn.what] = self.counts.get(fn.what, 0) + 1
+        return Timing(staircase(fn.width) if fn.what == "op" else 1e-3, 0.0)
+
+
+def test_marginal_cost_is_the_step_at_the_current_width_and_follows_shrinks():
+    cfg = small_cfg("latency.width_step=8", "prune.penalty=seconds")
+    model, prof, _ = profile(cfg, StaircaseTimer(torch.device("cpu"), 0, 1))
+    key = branch_key("stages.0.parallel.branches.0.0", 3)
+    assert prof.branch_width[key] == 32
+    assert prof.per_channel_s(key) == pytest.approx(STEPS[3] / 8)            # the step, ...
+    assert prof.per_channel_s(key) != pytest.approx(staircase(32) / 32)      # ... not the average
+    assert prof.per_channel_s(key, 24) == pytest.approx(STEPS[2] / 8)
+    assert prof.per_channel_s(key, 12) == pytest.approx(STEPS[1] / 8)
+    average = profile(small_cfg("latency.cost=average"), StaircaseTimer(torch.device("cpu"), 0, 1))[1]
+    assert average.per_channel_s(key) == pytest.approx(staircase(32) / 32)
+    # After a shrink to 12 channels the registry's cost is re-read from the curve at the new width.
+    registry = PruneRegistry.build(cfg.prune, model, count_macs(model, 1, 16), prof)
+    assert registry.entries[key].seconds_per_channel == pytest.approx(STEPS[3] / 8)
+    name, block = "stages.0.parallel.branches.0.0", dict(model.named_blocks())["stages.0.parallel.branches.0.0"]
+    keep = torch.arange(32) < 12
+    shrink_model(model, {name: [keep if b.kernel == 3 else torch.ones(b.hidden, dtype=torch.bool)
+                                for b in block.branches]})
+    registry.update_after_shrink(model, prof)
+    assert registry.entries[key].width == 12
+    assert registry.entries[key].seconds_per_channel == pytest.approx(STEPS[1] / 8)
+    # Prediction: the curve at each width (linear between samples: 12 lies half way from 8 to 16).
+    branches = [b.hidden for _, blk in model.named_blocks() for b in blk.branches]
+    assert prof.predict_s(model) == pytest.approx(prof.fixed_s + sum(staircase(w) for w in branches if w != 12)
+                                                  + (staircase(8) + staircase(16)) / 2)
+
+
+def test_round_mask_keeps_the_largest_scales_in_multiples():
+    score = torch.tensor([0.9, 0.0, 0.5, 0.0, 0.7, 0.1, 0.0, 0.3, 0.2, 0.0])
+    assert round_mask(score, 3, 4).nonzero().flatten().tolist() == [0, 2, 4, 7]   # 3 alive -> 4 kept
+    assert round_mask(score, 6, 4).sum() == 8                                      # 6 -> 8
+    capped = round_mask(score, 9, 4)                                               # 12 > 10 wide -> 8
+    assert capped.sum() == 8 and bool(capped[[0, 2, 4, 5, 7, 8]].all())
+    assert round_mask(score, 0, 4).sum() == 0                                      # the branch may go
+
+
+def test_round_to_widths_in_registry_masks():
+    cfg = small_cfg()
+    model = build_model(cfg.model)
+    _, prof, _ = profile(cfg, StaircaseTimer(torch.device("cpu"), 0, 1))
+    registry = PruneRegistry.build(PruneConfig(round_to=8, threshold=1e-3), model, count_macs(model, 1, 16), prof)
+    name, block = model.named_blocks()[1]
+    with torch.no_grad():
+        block.branches[0].dw_bn.weight[:19] = 0.0    # 13 of 32 alive -> 16 kept
+        block.branches[1].dw_bn.weight[:] = 0.0      # none alive -> the branch goes
+        block.branches[0].dw_bn.weight[19:22] = 0.5  # the largest three scales survive
+    masks = registry.masks(model)
+    assert [int(m.sum()) for m in masks[name]] == [16, 0]
+    assert bool(masks[name][0][19:].all())
+    unrounded = PruneRegistry.build(PruneConfig(threshold=1e-3), model, count_macs(model, 1, 16), prof)
+    assert [int(m.sum()) for m in unrounded.masks(model)[name]] == [13, 0]
+
+
+def test_profile_cli_writes_a_lut_that_training_uses_without_timing_ops(tmp_path, monkeypatch, capsys):
+    lut = tmp_path / "lut.json"
+    args = ["--config", str(CONFIGS / "digits.yaml"), *SEARCH, "train.epochs=1"]
+    assert profile_cli.main([*args, "--device", "cpu", "--out", str(lut)]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["ops_timed"] > 0 and printed["fixed_part_timed"]
+    assert len(read_lut_file(lut)["tables"]) == 1
+    timed: list[str] = []
+    real_call = Timer.__call__
+    monkeypatch.setattr(Timer, "__call__", lambda self, fn: (timed.append(fn.what), real_call(self, fn))[1])
+    run_dir = tmp_path / "run"
+    assert train.main([*args, f"latency.lut={lut}", f"log.run_dir={run_dir}"]) == 0
+    assert "op" not in timed and "fixed" not in timed and timed.count("network") >= 2  # start + each shrink
+    rec = json.loads((run_dir / "shrinks.jsonl").read_text().splitlines()[-1])
+    assert rec["latency_ms_predicted_after"] > 0 and rec["latency_ms_measured_after"] > 0
+    assert "latency_error_pct_after" in rec
+
+
+def test_onnxruntime_backend_builds_a_lut_for_a_small_config(tmp_path, capsys):
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+    lut = tmp_path / "ort.json"
+    assert profile_cli.main(["--config", str(CONFIGS / "digits.yaml"), *SMALL, *FAST, "--backend", "onnxruntime",
+                             "--out", str(lut), "--no-progress"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip())
+    (table,) = read_lut_file(lut)["tables"].values()
+    assert table["fingerprint"]["backend"] == "onnxruntime" and "onnxruntime" in table["fingerprint"]
+    assert len(table["ops"]) == printed["ops_timed"] + 1 and all(v["median_s"] > 0 for v in table["ops"].values())
+    assert printed["latency_ms_measured"] > 0
