@@ -27,16 +27,8 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-if [[ -z "${DEEPSPEED:-}" ]]; then
-    if command -v deepspeed >/dev/null 2>&1; then
-        DEEPSPEED=deepspeed
-    elif [[ -x .venv/bin/deepspeed ]]; then
-        DEEPSPEED=.venv/bin/deepspeed
-    else
-        echo "error: the deepspeed launcher was not found; install deepspeed or set DEEPSPEED" >&2
-        exit 2
-    fi
-fi
+source launch/common.sh
+find_tool DEEPSPEED deepspeed
 
 HOSTFILE=${HOSTFILE:-launch/hostfile}
 if [[ ! -f "$HOSTFILE" ]]; then

@@ -27,28 +27,9 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-if [[ -z "${TORCHRUN:-}" ]]; then
-    if command -v torchrun >/dev/null 2>&1; then
-        TORCHRUN=torchrun
-    elif [[ -x .venv/bin/torchrun ]]; then
-        TORCHRUN=.venv/bin/torchrun
-    else
-        echo "error: torchrun not found; install PyTorch (make venv) or set TORCHRUN" >&2
-        exit 2
-    fi
-fi
-
-if [[ -z "${NPROC_PER_NODE:-}" ]]; then
-    TORCHRUN_PATH=$(command -v "$TORCHRUN" || true)
-    PYTHON="$(dirname "$TORCHRUN_PATH")/python"
-    [[ -x "$PYTHON" ]] || PYTHON=python3
-    GPUS=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
-    if [[ "$GPUS" =~ ^[0-9]+$ ]] && (( GPUS > 0 )); then
-        NPROC_PER_NODE=$GPUS
-    else
-        NPROC_PER_NODE=2
-    fi
-fi
+source launch/common.sh
+find_tool TORCHRUN torchrun
+NPROC_PER_NODE=${NPROC_PER_NODE:-$(default_nproc "$TORCHRUN")}
 
 exec "$TORCHRUN" \
     --nnodes "$NNODES" \

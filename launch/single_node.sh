@@ -9,7 +9,6 @@
 #              respected), or 2 when there is none (CPU, gloo backend).
 #   CONFIG     config file; default configs/hrnas_imagenet.yaml.
 #   TORCHRUN   the torchrun to use; default `torchrun` on PATH, else the repo's .venv/bin/torchrun.
-#   PYTHON     the Python used to count GPUs; default: the one next to TORCHRUN.
 #   OMP_NUM_THREADS  CPU threads per process; torchrun sets 1 when unset (and says so).
 #   NCCL_* / TORCH_NCCL_*  passed through to every rank (see docs/launching.md).
 # Everything after the script name is passed to dist_hrnas.train as config overrides.
@@ -19,31 +18,9 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-if [[ -z "${TORCHRUN:-}" ]]; then
-    if command -v torchrun >/dev/null 2>&1; then
-        TORCHRUN=torchrun
-    elif [[ -x .venv/bin/torchrun ]]; then
-        TORCHRUN=.venv/bin/torchrun
-    else
-        echo "error: torchrun not found; install PyTorch (make venv) or set TORCHRUN" >&2
-        exit 2
-    fi
-fi
-
-if [[ -z "${NPROC:-}" ]]; then
-    if [[ -z "${PYTHON:-}" ]]; then
-        # The python that torchrun itself runs with, so it sees the same torch.
-        TORCHRUN_PATH=$(command -v "$TORCHRUN" || true)
-        PYTHON="$(dirname "$TORCHRUN_PATH")/python"
-        [[ -x "$PYTHON" ]] || PYTHON=python3
-    fi
-    GPUS=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
-    if [[ "$GPUS" =~ ^[0-9]+$ ]] && (( GPUS > 0 )); then
-        NPROC=$GPUS
-    else
-        NPROC=2
-    fi
-fi
+source launch/common.sh
+find_tool TORCHRUN torchrun
+NPROC=${NPROC:-$(default_nproc "$TORCHRUN")}
 
 exec "$TORCHRUN" --standalone --nproc_per_node "$NPROC" \
     -m dist_hrnas.train --config "${CONFIG:-configs/hrnas_imagenet.yaml}" "$@"
