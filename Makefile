@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch pinned in the same command as deepspeed (which requires torch), so nothing pulls a CUDA build.
 	DS_BUILD_OPS=0 $(PY) -m pip install -q "torch==2.13.0" "deepspeed==0.19.8"
-	$(PY) -m pip install -q -c constraints.txt -e ".[test,deepspeed]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,deepspeed,onnx]"
 	touch $(STAMP)
 
 venv: $(STAMP)
