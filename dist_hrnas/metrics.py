@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from dist_hrnas.fileio import atomic_write_json
+
 
 class NullWriter:
     """What non-zero ranks (or ``log.tensorboard=false``) get: every call does nothing."""
@@ -20,6 +22,9 @@ class NullWriter:
 
     def text(self, tag: str, text: str, step: int) -> None:
         pass
+
+    def custom_scalars(self, layout: dict[str, dict[str, tuple[str, list[str]]]]) -> None:
+        """Charts that overlay several tags: {category: {chart title: ("Multiline", [tag regexes])}}."""
 
     def flush(self) -> None:
         pass
@@ -44,6 +49,13 @@ class TensorBoardWriter(NullWriter):
 
     def text(self, tag: str, text: str, step: int) -> None:
         self._writer.add_text(tag, text, step)
+
+    def custom_scalars(self, layout: dict[str, dict[str, tuple[str, list[str]]]]) -> None:
+        # TensorBoard's Custom Scalars tab reads the layout from the event file; a JSON copy beside it
+        # documents it for people and scripts
+        self._writer.add_custom_scalars({cat: {title: list(chart) for title, chart in charts.items()}
+                                         for cat, charts in layout.items()})
+        atomic_write_json(Path(self._writer.log_dir) / "custom_scalars_layout.json", layout)
 
     def flush(self) -> None:
         self._writer.flush()
