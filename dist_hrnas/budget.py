@@ -16,8 +16,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+from dist_hrnas.errors import UserError
+
+if TYPE_CHECKING:
+    from dist_hrnas.config import PruneConfig
 
 SCHEDULES = ("linear", "cosine", "exp")
 _EXP_RATE = 3.0  # exp schedule: 95% of the budget pruned by the end, front-loaded
@@ -140,3 +146,71 @@ def fit_masks_to_budget(masks: dict[str, list[torch.Tensor]], branches: list[Bra
             fit.removed += 1
     fit.latency_s_after = after
     return fit
+
+
+class BudgetSteer:
+    """Everything a search with ``prune.target_latency_ms`` / ``prune.target_ratio`` adds, in one place.
+
+    Latencies come in two units: *measured* (end to end on the target device, what the user asked for) and
+    *predicted* (the latency model's sum, what masks and the plan are computed in). The target is mapped into
+    predicted units with the latest measured/predicted ratio, re-read after every shrink, so a latency model
+    that is off by a constant factor still lands the measured latency on the target.
+    """
+
+    def __init__(self, prune: "PruneConfig", epochs: int, supernet_measured_s: float, supernet_predicted_s: float,
+                 smallest_predicted_s: float, where: str):
+        if prune.target_latency_ms is not None:
+            target_s, asked = prune.target_latency_ms / 1e3, f"prune.target_latency_ms={prune.target_latency_ms:g}"
+        else:
+            target_s, asked = prune.target_ratio * supernet_measured_s, f"prune.target_ratio={prune.target_ratio:g}"
+        smallest_s = smallest_predicted_s * supernet_measured_s / supernet_predicted_s
+        if target_s >= supernet_measured_s:
+            raise UserError(f"{asked}: the supernet already runs in {supernet_measured_s * 1e3:.3f} ms on {where}; "
+                            f"give a target below that (or prune.target_ratio < 1)")
+        if target_s < smallest_s:
+            raise UserError(f"{asked}: below the smallest network this supernet can shrink to "
+                            f"(~{smallest_s * 1e3:.3f} ms on {where}: every prunable branch removed); raise the "
+                            f"target or use a smaller supernet")
+        self.target_s = target_s
+        self.tolerance = prune.budget_tolerance
+        self.measured_over_predicted = supernet_measured_s / supernet_predicted_s
+        epoch_target = prune.epoch_target if prune.epoch_target > 0 else 0.75 * epochs
+        self.plan = PrunedSecondsPlan(supernet_predicted_s - self.target_predicted_s(), prune.epoch_free,
+                                      epoch_target, prune.schedule)
+        self.controller = RhoController(prune.rho, prune.controller_kp, prune.controller_ki, prune.rho_max_factor)
+        self.last_epoch = prune.epoch_free
+
+    @property
+    def done(self) -> bool:
+        return self.controller.done
+
+    def target_predicted_s(self) -> float:
+        return self.target_s / self.measured_over_predicted
+
+    def rho(self, epoch: float, pruned_s: float) -> float:
+        """rho for this step: 0 before ``epoch_free`` and once the budget is met, else the controller's."""
+        if epoch < self.plan.epoch_free or self.done:
+            return 0.0
+        dt, self.last_epoch = max(0.0, epoch - self.last_epoch), epoch
+        return self.controller.update(self.plan.planned_s(epoch), pruned_s, self.plan.total_s, dt)
+
+    def fit(self, masks: dict[str, list[torch.Tensor]], branches: list[BranchChannels], current_predicted_s: float,
+            force: bool) -> BudgetFit:
+        return fit_masks_to_budget(masks, branches, current_predicted_s, self.target_predicted_s(),
+                                   self.tolerance, force)
+
+    def observe(self, predicted_s: float, measured_s: float) -> None:
+        """After a shrink: re-calibrate the units; the budget is met once the measured latency is."""
+        if predicted_s > 0:
+            self.measured_over_predicted = measured_s / predicted_s
+        if measured_s <= self.target_s:
+            self.controller.finish()
+
+    def state_dict(self) -> dict:
+        return {"controller": self.controller.state_dict(), "measured_over_predicted": self.measured_over_predicted,
+                "last_epoch": self.last_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.controller.load_state_dict(state["controller"])
+        self.measured_over_predicted = float(state["measured_over_predicted"])
+        self.last_epoch = float(state["last_epoch"])

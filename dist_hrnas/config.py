@@ -168,9 +168,44 @@ class PruneConfig:
                                        "(0 = keep the folded statistics).")
     round_to: int = _f(1, "Keep every shrinking branch's surviving width a multiple of N (the channels with the "
                           "largest |scale| survive; a branch may still go to 0); 1 = off.")
+    target_latency_ms: float | None = _f(None, "Latency budget in ms on latency.device at latency.batch_size: the "
+                                               "search ends with a network measured at or just under it "
+                                               "(rho is then steered, prune.rho is its starting value).")
+    target_ratio: float | None = _f(None, "Latency budget as a fraction of the supernet's measured latency "
+                                          "(e.g. 0.5); instead of target_latency_ms.")
+    schedule: str = _f("linear", "Shape of the planned pruned-seconds curve with a budget: linear, cosine or exp "
+                                 "(front-loaded).")
+    epoch_target: float = _f(0.0, "Epoch by which the plan reaches the budget (0 = three quarters of "
+                                  "train.epochs).")
+    budget_tolerance: float = _f(0.05, "With a budget, never shrink more than this fraction below the target "
+                                       "(dead channels are revived instead).")
+    controller_kp: float = _f(10.0, "Budget controller: proportional gain on (planned - actual pruned seconds) / "
+                                    "budget, in log-rho.")
+    controller_ki: float = _f(20.0, "Budget controller: integral gain (per epoch), in log-rho.")
+    rho_max_factor: float = _f(100.0, "Budget controller: rho stays within [rho / f, rho * f].")
 
     def __post_init__(self) -> None:
         _choice("prune", "penalty", self.penalty, ("seconds", "macs", "equal", "none"))
+        _choice("prune", "schedule", self.schedule, ("linear", "cosine", "exp"))
+        if self.target_latency_ms is not None and self.target_ratio is not None:
+            raise ConfigError("prune.target_latency_ms and prune.target_ratio are both set: give one budget")
+        if self.target_latency_ms is not None and self.target_latency_ms <= 0:
+            raise ConfigError(f"prune.target_latency_ms: must be > 0 ms, got {self.target_latency_ms}")
+        if self.target_ratio is not None and not 0 < self.target_ratio < 1:
+            raise ConfigError(f"prune.target_ratio: must be between 0 and 1 (a fraction of the supernet's "
+                              f"latency), got {self.target_ratio}")
+        if self.has_budget and self.penalty == "none":
+            raise ConfigError("a latency budget (prune.target_latency_ms / target_ratio) needs a search: set "
+                              "prune.penalty to seconds, macs or equal")
+        if self.has_budget and self.rho <= 0:
+            raise ConfigError("prune.rho: must be > 0 with a latency budget (it is the controller's starting value)")
+        if not 0 <= self.budget_tolerance < 1:
+            raise ConfigError(f"prune.budget_tolerance: must be in [0, 1), got {self.budget_tolerance}")
+        _positive("prune", "epoch_target", self.epoch_target, allow_zero=True)
+        _positive("prune", "controller_kp", self.controller_kp, allow_zero=True)
+        _positive("prune", "controller_ki", self.controller_ki, allow_zero=True)
+        if self.rho_max_factor < 1:
+            raise ConfigError(f"prune.rho_max_factor: must be >= 1, got {self.rho_max_factor}")
         _positive("prune", "rho", self.rho, allow_zero=True)
         _positive("prune", "epoch_free", self.epoch_free, allow_zero=True)
         _positive("prune", "threshold", self.threshold, allow_zero=True)
@@ -180,6 +215,10 @@ class PruneConfig:
         if self.epoch_warmup and self.epoch_warmup < self.epoch_free:
             raise ConfigError(f"prune.epoch_warmup ({self.epoch_warmup}) must be 0 or >= prune.epoch_free "
                               f"({self.epoch_free})")
+
+    @property
+    def has_budget(self) -> bool:
+        return self.target_latency_ms is not None or self.target_ratio is not None
 
 
 @dataclass
@@ -192,12 +231,13 @@ class LatencyConfig:
     threads: int = _f(1, "CPU threads while timing (fixed so numbers are comparable).")
     warmup: int = _f(5, "Untimed runs before timing each op.")
     repeats: int = _f(15, "Timed runs per op; the median is used.")
-    cost: str = _f("marginal", "Per-channel cost of a branch: marginal = slope of its measured latency-vs-width "
-                               "curve at the current width (follows the hardware's staircase, refreshed after "
-                               "every shrink); average = seconds / width (the seed's rule).")
-    width_step: int = _f(8, "marginal: the latency curve is sampled every width_step channels (coarser for wide "
-                            "branches, see max_samples), always including the current width and one step below.")
-    max_samples: int = _f(12, "marginal: at most about this many widths per branch curve (keeps profiling fast).")
+    cost: str = _f("average", "Per-channel cost of a branch: average = seconds / width at the supernet (the "
+                              "seed's rule); marginal = slope of its latency-vs-width curve at the current width "
+                              "(follows the hardware's staircase, refreshed after every shrink).")
+    width_step: int = _f(8, "Each branch's latency curve (prediction, marginal cost) is sampled every width_step "
+                            "channels (coarser for wide branches, see max_samples), always including the "
+                            "current width and one step below.")
+    max_samples: int = _f(12, "At most about this many widths per branch curve (keeps profiling fast).")
     backend: str = _f("torch", "Runtime the ops are timed with: torch (eager) or onnxruntime (each op exported to "
                                "ONNX; CPU provider, CUDA provider on cuda devices). Needs the onnx extra.")
     lut_strict: bool = _f(False, "A latency.lut built for another device fingerprint: false = warn and measure "
@@ -210,7 +250,7 @@ class LatencyConfig:
         _positive("latency", "batch_size", self.batch_size)
         _positive("latency", "threads", self.threads)
         _positive("latency", "repeats", self.repeats)
-        _choice("latency", "cost", self.cost, ("marginal", "average"))
+        _choice("latency", "cost", self.cost, ("average", "marginal"))
         _choice("latency", "backend", self.backend, ("torch", "onnxruntime"))
         _positive("latency", "width_step", self.width_step)
         if self.max_samples < 2:

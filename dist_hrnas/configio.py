@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import os
 import re
+import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,15 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
     def bad() -> ConfigError:
         return ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
 
+    if origin in (typing.Union, types.UnionType):          # "float | None": None means "not set"
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None and len(args) < len(typing.get_args(tp)):
+            return None
+        if len(args) == 1:
+            try:
+                return _check_type(key, value, args[0])
+            except ConfigError:
+                raise bad() from None
     if tp is bool:
         if not isinstance(value, bool):
             raise bad()
