@@ -143,7 +143,7 @@ def plan_branches(model: HRNet, image_size: int, cfg: LatencyConfig) -> list[Bra
     return plans
 
 
-def _op_at_width(block: AtomicBlock, kernel: int, width: int) -> KernelBranch:
+def op_at_width(block: AtomicBlock, kernel: int, width: int) -> KernelBranch:
     """A fresh branch of ``width`` channels with the block's geometry: latency does not depend on weight values."""
     return KernelBranch(block.in_channels, block.out_channels, width, kernel, block.stride, block.expand,
                         block.act, block.bn_kwargs).eval()
@@ -159,7 +159,7 @@ class Timed:
         return self.fn()
 
 
-def _runner(module: nn.Module, x: torch.Tensor, cfg: LatencyConfig, device: torch.device) -> Callable[[], object]:
+def runner(module: nn.Module, x: torch.Tensor, cfg: LatencyConfig, device: torch.device) -> Callable[[], object]:
     if cfg.backend == "onnxruntime":
         from dist_hrnas.onnx_timing import onnx_callable  # optional dependency, imported only when chosen
         return onnx_callable(module, x, cfg.threads, device)
@@ -182,7 +182,7 @@ def measure_branches(model: HRNet, image_size: int, cfg: LatencyConfig, timer: T
         for sig, (plan, width) in tqdm(todo.items(), desc="latency ops", unit="op", disable=not progress):
             c, h, w = plan.in_shape
             x = torch.randn(cfg.batch_size, c, h, w, device=timer.device)
-            run = _runner(_op_at_width(plan.block, plan.kernel, width), x, cfg, timer.device)
+            run = runner(op_at_width(plan.block, plan.kernel, width), x, cfg, timer.device)
             timing = timer(Timed(run, "op", width))
             table.put(sig, timing.median_s, timing.spread_s)
     return {p.key: [[float(w), table.get(sig)["median_s"]] for w, sig in p.samples] for p in plans}
@@ -212,7 +212,7 @@ def measure_fixed(model: HRNet, image_size: int, cfg: LatencyConfig, timer: Time
         net = fixed_part(model)
         x = torch.randn(cfg.batch_size, model.spec.image_channels, image_size, image_size, device=timer.device)
         with cpu_threads(cfg.threads):
-            timing = timer(Timed(_runner(net, x, cfg, timer.device), "fixed"))
+            timing = timer(Timed(runner(net, x, cfg, timer.device), "fixed"))
         table.put(key, timing.median_s, timing.spread_s)
     return table.get(key)["median_s"]
 
@@ -223,11 +223,21 @@ def measure_network(model: HRNet, image_size: int, cfg: LatencyConfig, timer: Ti
     net = copy.deepcopy(model)
     x = torch.randn(cfg.batch_size, model.spec.image_channels, image_size, image_size, device=timer.device)
     with cpu_threads(cfg.threads):
-        return timer(Timed(_runner(net, x, cfg, timer.device), "network")).median_s
+        return timer(Timed(runner(net, x, cfg, timer.device), "network")).median_s
 
 
 def branch_widths(model: HRNet) -> dict[str, int]:
     return {branch_key(name, b.kernel): b.hidden for name, block in model.named_blocks() for b in block.branches}
+
+
+def lut_profile(model: HRNet, image_size: int, cfg: LatencyConfig, timer: Timer,
+                progress: bool = False) -> tuple[dict[str, Curve], float]:
+    """Branch curves and fixed part from ``latency.lut``, timing (and adding to it) only what it lacks."""
+    table = LatencyTable.open(cfg, timer.device)
+    curves = measure_branches(model, image_size, cfg, timer, table, progress)
+    fixed_s = measure_fixed(model, image_size, cfg, timer, table)
+    table.save()
+    return curves, fixed_s
 
 
 def profile_on_rank0(model: HRNet, image_size: int, cfg: LatencyConfig, timer: Timer | None = None,
@@ -247,10 +257,7 @@ def profile_on_rank0(model: HRNet, image_size: int, cfg: LatencyConfig, timer: T
     if not distributed.is_initialized() or distributed.rank() == 0:
         try:
             timer = timer or make_timer(cfg)
-            table = LatencyTable.open(cfg, timer.device)
-            curves = measure_branches(model, image_size, cfg, timer, table, progress)
-            fixed_s = measure_fixed(model, image_size, cfg, timer, table)
-            table.save()
+            curves, fixed_s = lut_profile(model, image_size, cfg, timer, progress)
             network_s = measure_network(model, image_size, cfg, timer)  # reality, to check the prediction
             branch_s = {k: curve_value(curves[k], widths[k]) for k in keys}
             packed = LatencyProfile(network_s, branch_s, widths, curves, cfg.cost, fixed_s).to_tensor(keys)

@@ -28,10 +28,10 @@ def branch_key(block_name: str, kernel: int) -> str:
 def sample_widths(width: int, cfg: LatencyConfig) -> list[int]:
     """Widths a branch is timed at: every width_step (coarser for wide branches) plus width - step and width.
 
-    ``average`` needs only the current width. The sample grid stays on multiples of ``width_step`` so that
-    segments line up with the hardware's channel groups.
+    Both cost modes keep the whole curve: the prediction after shrinks reads it. The sample grid stays on
+    multiples of ``width_step`` so that segments line up with the hardware's channel groups.
     """
-    if cfg.cost == "average" or width <= 1:
+    if width <= 1:
         return [width]
     step = cfg.width_step
     coarse = step * max(1, math.ceil(width / step / cfg.max_samples))

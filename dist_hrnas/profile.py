@@ -15,6 +15,7 @@ import time
 from dist_hrnas.cli import add_config_args, config_from_args
 from dist_hrnas.errors import exits_cleanly_on_user_error
 from dist_hrnas.latency import Timer, make_timer, profile_on_rank0
+from dist_hrnas.lut import device_name
 from dist_hrnas.models import build_model, model_from_arch, load_arch_file
 
 
@@ -24,7 +25,8 @@ def build_lut(cfg, progress: bool = True, timer: Timer | None = None) -> dict:
     timer = timer or make_timer(cfg.latency)
     start = time.perf_counter()
     profile = profile_on_rank0(model, cfg.data.image_size, cfg.latency, timer, progress=progress)
-    return {"lut": cfg.latency.lut, "device": cfg.latency.device, "backend": cfg.latency.backend,
+    return {"lut": cfg.latency.lut, "device": cfg.latency.device, "device_name": device_name(timer.device),
+            "backend": cfg.latency.backend,
             "ops_timed": timer.counts.get("op", 0), "fixed_part_timed": bool(timer.counts.get("fixed")),
             "branches": len(profile.branch_s), "curve_points": sum(len(c) for c in profile.curves.values()),
             "latency_ms_predicted": round(profile.predict_s(model) * 1e3, 4),

@@ -151,16 +151,18 @@ class PruneRegistry:
     def update_after_shrink(self, model: HRNet, profile: LatencyProfile | None = None) -> None:
         """Drop removed branches, record new widths, renormalise (registry carried through surgery).
 
-        With ``profile``, each branch's seconds per channel is re-read from its latency curve at the new
-        width, so a ``marginal`` cost follows the staircase as the branch narrows.
+        With a ``marginal`` ``profile``, each branch's seconds per channel is re-read from its latency curve
+        at the new width, so the cost follows the staircase as the branch narrows (``average`` keeps the
+        supernet's seconds / width, the seed's rule).
         """
+        refresh = profile is not None and profile.cost == "marginal"
         alive = {}
         for name, block in model.named_blocks():
             for branch in block.branches:
                 key = branch_key(name, branch.kernel)
                 if key in self.entries:
                     self.entries[key].width = branch.hidden
-                    if profile is not None:
+                    if refresh:
                         self.entries[key].seconds_per_channel = profile.per_channel_s(key, branch.hidden)
                     alive[key] = self.entries[key]
         self.entries = alive

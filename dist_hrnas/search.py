@@ -132,7 +132,7 @@ class Search:
         self.cfg, self.image_size, self.run_dir, self.timer = cfg, image_size, run_dir, timer
         self.enabled = cfg.prune.penalty != "none"
         if saved is None:
-            self.profile = profile_on_rank0(model, image_size, cfg.latency, timer)
+            self.profile = profile_on_rank0(model, image_size, cfg.latency, timer, progress=cfg.log.progress)
             macs = count_macs(model, model.spec.image_channels, image_size)
             self.registry = PruneRegistry.build(cfg.prune, model, macs, self.profile)
             self.latency_ms_supernet = self.profile.network_s * 1e3
@@ -147,7 +147,7 @@ class Search:
             self.latency_ms_measured = saved["latency_ms_measured"]
             self.shrinks = list(saved["shrinks"])
         self.pairs = self.registry.bns(model)
-        self._start_logged = bool(self.shrinks)  # a resumed run has logged its start already
+        self._start_logged = saved is not None  # a resumed run logged its start already
 
     def state_dict(self) -> dict:
         """Plain data for the checkpoint (resuming measures nothing)."""
@@ -179,7 +179,8 @@ class Search:
             return
         if not self._start_logged:  # prediction vs reality for the supernet, once (the tags' first point)
             self._start_logged = True
-            writer.scalar("prune/latency_ms_measured", self.latency_ms_supernet, 0)
+            # Own tag: prune/latency_ms_measured keeps exactly one point per shrink.
+            writer.scalar("prune/latency_ms_supernet_measured", self.latency_ms_supernet, 0)
             writer.scalar("prune/latency_ms_predicted_net", self.supernet_predicted_s * 1e3, 0)
             writer.scalar("prune/latency_error_pct",
                           error_pct(self.supernet_predicted_s * 1e3, self.latency_ms_supernet), 0)

@@ -13,6 +13,7 @@ from dist_hrnas.config import PruneConfig, load_config
 from dist_hrnas.errors import UserError
 from dist_hrnas.latency import Timer, Timing, branch_key, plan_branches, profile_on_rank0
 from dist_hrnas.lut import LutMismatchWarning, read_lut_file
+from dist_hrnas.metrics import read_scalars
 from dist_hrnas.models import build_model, count_macs
 from dist_hrnas.prune import PruneRegistry, round_mask
 from dist_hrnas.surgery import shrink_model
@@ -103,7 +104,7 @@ class StaircaseTimer(Timer):
 
 
 def test_marginal_cost_is_the_step_at_the_current_width_and_follows_shrinks():
-    cfg = small_cfg("latency.width_step=8", "prune.penalty=seconds")
+    cfg = small_cfg("latency.cost=marginal", "latency.width_step=8", "prune.penalty=seconds")
     model, prof, _ = profile(cfg, StaircaseTimer(torch.device("cpu"), 0, 1))
     key = branch_key("stages.0.parallel.branches.0.0", 3)
     assert prof.branch_width[key] == 32
@@ -171,6 +172,10 @@ def test_profile_cli_writes_a_lut_that_training_uses_without_timing_ops(tmp_path
     rec = json.loads((run_dir / "shrinks.jsonl").read_text().splitlines()[-1])
     assert rec["latency_ms_predicted_after"] > 0 and rec["latency_ms_measured_after"] > 0
     assert "latency_error_pct_after" in rec
+    scalars = read_scalars(run_dir / "tb")  # prediction vs reality: at the start (step 0) and after each shrink
+    assert scalars["prune/latency_ms_supernet_measured"][0][0] == 0
+    assert [s for s, _ in scalars["prune/latency_error_pct"]] == [0] + [s for s, _ in scalars["prune/shrink"]]
+    assert len(scalars["prune/latency_ms_measured"]) == len(scalars["prune/shrink"])
 
 
 def test_onnxruntime_backend_builds_a_lut_for_a_small_config(tmp_path, capsys):
