@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from dist_hrnas.config import load_config  # noqa: E402
 from dist_hrnas.latency import (LatencyProfile, Timed, op_at_width, runner, branch_widths, cpu_threads,  # noqa: E402
                                 curve_value, lut_profile, make_timer, measure_network, plan_branches)
-from dist_hrnas.models import build_model  # noqa: E402
+from dist_hrnas.models import build_model, export_arch, model_from_arch  # noqa: E402
 from dist_hrnas.surgery import shrink_model  # noqa: E402
 
 CONFIGS = {"digits": (ROOT / "configs" / "digits.yaml", []),
@@ -82,23 +82,30 @@ def bench_config(name: str, levels: int, n_ops: int, seed: int) -> dict:
         model = build_model(cfg.model)
         timer = make_timer(cfg.latency)
         start = time.perf_counter()
-        curves, fixed_s = lut_profile(model, cfg.data.image_size, cfg.latency, timer)
+        curves, fixed_s, joins = lut_profile(model, cfg.data.image_size, cfg.latency, timer)
         build_s = time.perf_counter() - start
     widths = branch_widths(model)
     profile = LatencyProfile(0.0, {k: curve_value(curves[k], widths[k]) for k in widths}, widths, curves,
-                             cfg.latency.cost, fixed_s)
+                             cfg.latency.cost, fixed_s, joins)
     rng = random.Random(seed)
     rows = []
     shares = [0.8 - 0.6 * i / max(1, levels - 1) for i in range(levels)]  # 0.8 .. 0.2 of the channels
     cases = [(1.0, 1)] + [(s, cfg.latency.width_step) for s in shares] + [(s, 1) for s in shares]
     for share, align in cases:
-        net = model if share == 1.0 else random_shrink(build_model(cfg.model), rng, share, align)
+        shrunk = model if share == 1.0 else random_shrink(build_model(cfg.model), rng, share, align)
+        # Measured: the architecture built afresh with the shrunk weights (what searched_arch.yaml runs at).
+        # The in-place surgery result itself is timed too: on CPU it runs slower than the same architecture
+        # built afresh (see README), which no op-level model predicts.
+        net = model_from_arch(export_arch(shrunk))
+        net.load_state_dict(shrunk.state_dict())
         predicted = profile.predict_s(net)
         measured = measure_network(net, cfg.data.image_size, cfg.latency, timer)
+        surgery = measured if share == 1.0 else measure_network(shrunk, cfg.data.image_size, cfg.latency, timer)
         rows.append({"keep": round(share, 3), "align": align,
                      "channels": sum(sum(b.widths) for _, b in net.named_blocks()),
                      "predicted_ms": round(predicted * 1e3, 3), "measured_ms": round(measured * 1e3, 3),
-                     "error_pct": round(100 * (predicted - measured) / measured, 2)})
+                     "error_pct": round(100 * (predicted - measured) / measured, 2),
+                     "measured_after_surgery_ms": round(surgery * 1e3, 3)})
     # Headline: supernet + shrinks to aligned widths (sampled by the curves; prune.round_to=width_step keeps
     # a search on them). Any-width shrinks are reported apart: between samples the curve interpolates.
     errors = [abs(r["error_pct"]) for r in rows if r["align"] > 1 or r["keep"] == 1.0]

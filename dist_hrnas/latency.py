@@ -188,6 +188,60 @@ def measure_branches(model: HRNet, image_size: int, cfg: LatencyConfig, timer: T
     return {p.key: [[float(w), table.get(sig)["median_s"]] for w, sig in p.samples] for p in plans}
 
 
+class BlockJoin(nn.Module):
+    """What an atomic block does around its ``n`` branches: sum their outputs, the output BN, add the skip."""
+
+    def __init__(self, channels: int, n: int):
+        super().__init__()
+        self.bn, self.n = nn.BatchNorm2d(channels), n
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        out = y
+        for _ in range(self.n - 1):
+            out = out + y
+        return y + self.bn(out)
+
+
+@torch.no_grad()
+def block_output_shapes(model: HRNet, image_size: int) -> dict[str, tuple[int, int, int]]:
+    """(C, H, W) leaving each atomic block."""
+    shapes: dict[str, tuple[int, int, int]] = {}
+    hooks = [block.register_forward_hook(lambda _m, _a, out, name=name: shapes.__setitem__(name, tuple(out.shape[1:])))
+             for name, block in model.named_blocks()]
+    was_training = model.training
+    model.eval()
+    try:
+        model(torch.zeros(1, model.spec.image_channels, image_size, image_size,
+                          device=next(model.parameters()).device))
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return shapes
+
+
+@torch.no_grad()
+def measure_joins(model: HRNet, image_size: int, cfg: LatencyConfig, timer: Timer,
+                  table: LatencyTable) -> dict[str, list[float]]:
+    """Per block with branches, seconds of joining 1..n of them (LUT signature ``join_c<C>_<H>x<W>_n<n>``)."""
+    shapes = block_output_shapes(model, image_size)
+    out: dict[str, list[float]] = {}
+    with cpu_threads(cfg.threads):
+        for name, block in model.named_blocks():
+            c, h, w = shapes[name]
+            joins = []
+            for n in range(1, len(block.branches) + 1):
+                sig = f"join_c{c}_{h}x{w}_n{n}"
+                if table.get(sig) is None:
+                    x = torch.randn(cfg.batch_size, c, h, w, device=timer.device)
+                    timing = timer(Timed(runner(BlockJoin(c, n), x, cfg, timer.device), "join"))
+                    table.put(sig, timing.median_s, timing.spread_s)
+                joins.append(table.get(sig)["median_s"])
+            if joins:
+                out[name] = joins
+    return out
+
+
 def fixed_part(model: HRNet) -> HRNet:
     """``model`` with every kernel branch removed: what stays whatever the search decides."""
     arch = export_arch(model)
@@ -231,13 +285,14 @@ def branch_widths(model: HRNet) -> dict[str, int]:
 
 
 def lut_profile(model: HRNet, image_size: int, cfg: LatencyConfig, timer: Timer,
-                progress: bool = False) -> tuple[dict[str, Curve], float]:
-    """Branch curves and fixed part from ``latency.lut``, timing (and adding to it) only what it lacks."""
+                progress: bool = False) -> tuple[dict[str, Curve], float, dict[str, list[float]]]:
+    """Branch curves, fixed part and block joins from ``latency.lut``, timing (and adding) only what it lacks."""
     table = LatencyTable.open(cfg, timer.device)
     curves = measure_branches(model, image_size, cfg, timer, table, progress)
     fixed_s = measure_fixed(model, image_size, cfg, timer, table)
+    joins = measure_joins(model, image_size, cfg, timer, table)
     table.save()
-    return curves, fixed_s
+    return curves, fixed_s, joins
 
 
 def profile_on_rank0(model: HRNet, image_size: int, cfg: LatencyConfig, timer: Timer | None = None,
@@ -252,15 +307,16 @@ def profile_on_rank0(model: HRNet, image_size: int, cfg: LatencyConfig, timer: T
     widths = branch_widths(model)
     keys = list(widths)
     samples = {k: sample_widths(w, cfg) for k, w in widths.items()}
-    packed = torch.zeros(2 + sum(len(v) for v in samples.values()), dtype=torch.float64)
+    join_counts = {name: len(b.branches) for name, b in model.named_blocks() if b.branches}
+    packed = torch.zeros(2 + sum(len(v) for v in samples.values()) + sum(join_counts.values()), dtype=torch.float64)
     error = None
     if not distributed.is_initialized() or distributed.rank() == 0:
         try:
             timer = timer or make_timer(cfg)
-            curves, fixed_s = lut_profile(model, image_size, cfg, timer, progress)
+            curves, fixed_s, joins = lut_profile(model, image_size, cfg, timer, progress)
             network_s = measure_network(model, image_size, cfg, timer)  # reality, to check the prediction
             branch_s = {k: curve_value(curves[k], widths[k]) for k in keys}
-            packed = LatencyProfile(network_s, branch_s, widths, curves, cfg.cost, fixed_s).to_tensor(keys)
+            packed = LatencyProfile(network_s, branch_s, widths, curves, cfg.cost, fixed_s, joins).to_tensor(keys)
         except UserError as err:
             if not distributed.is_initialized():
                 raise
@@ -269,7 +325,7 @@ def profile_on_rank0(model: HRNet, image_size: int, cfg: LatencyConfig, timer: T
     if error is not None:
         raise UserError(error)
     distributed.broadcast_(packed, src=0)
-    return LatencyProfile.from_tensor(packed, keys, widths, samples, cfg.cost)
+    return LatencyProfile.from_tensor(packed, keys, widths, samples, cfg.cost, join_counts)
 
 
 def measure_network_on_rank0(model: nn.Module, image_size: int, cfg: LatencyConfig,

@@ -90,12 +90,17 @@ class LatencyProfile:
     # Stem, shortcuts, fuse sums/upsampling, head conv, classifier: measured on its own (the network with
     # every branch removed) when given, else what the branches leave of the end-to-end time.
     fixed_s: float | None = None
+    # Per block, seconds of joining n = 1, 2, ... branches (their sum, the block's output BN, the skip add):
+    # it goes with the block's last branch, so the fixed part cannot hold it.
+    combine_s: dict[str, list[float]] | None = None
 
     def __post_init__(self) -> None:
         if self.curves is None:
             self.curves = {k: [[float(self.branch_width[k]), float(s)]] for k, s in self.branch_s.items()}
+        self.combine_s = self.combine_s or {}
         if self.fixed_s is None:
-            self.fixed_s = max(0.0, self.network_s - sum(self.branch_s.values()))
+            self.fixed_s = max(0.0, self.network_s - sum(self.branch_s.values())
+                               - sum(c[-1] for c in self.combine_s.values()))
 
     def per_channel_s(self, key: str, width: int | None = None) -> float:
         """Cost of one channel of a branch at ``width`` (default: its measured width), per ``cost``."""
@@ -110,9 +115,13 @@ class LatencyProfile:
         return curve_value(self.curves[key], width)
 
     def predict_s(self, model) -> float:
-        """Predicted end-to-end seconds of ``model`` (possibly shrunk): fixed part + each branch's curve."""
+        """Predicted end-to-end seconds of ``model`` (possibly shrunk): fixed part + each branch's curve
+        + each block's join of its surviving branches."""
         total = self.fixed_s
         for name, block in model.named_blocks():
+            joins = self.combine_s.get(name)
+            if joins and block.branches:
+                total += joins[min(len(block.branches), len(joins)) - 1]
             for branch in block.branches:
                 total += self.branch_seconds(branch_key(name, branch.kernel), branch.hidden)
         return total
@@ -120,12 +129,15 @@ class LatencyProfile:
     def to_tensor(self, keys: list[str]) -> torch.Tensor:
         """[network_s, fixed_s, each key's curve seconds in order]: what rank 0 broadcasts."""
         values = [self.network_s, self.fixed_s] + [s for k in keys for _, s in self.curves[k]]
+        values += [s for joins in self.combine_s.values() for s in joins]
         return torch.tensor(values, dtype=torch.float64)
 
     @classmethod
     def from_tensor(cls, t: torch.Tensor, keys: list[str], widths: dict[str, int],
-                    samples: dict[str, list[int]] | None = None, cost: str = "average") -> "LatencyProfile":
-        """Inverse of :meth:`to_tensor`; ``samples`` (per key, the widths of its curve) default to ``widths``."""
+                    samples: dict[str, list[int]] | None = None, cost: str = "average",
+                    joins: dict[str, int] | None = None) -> "LatencyProfile":
+        """Inverse of :meth:`to_tensor`; ``samples`` (per key, the widths of its curve) default to ``widths``;
+        ``joins``: per block, how many combine costs it has (its branch count)."""
         values = t.tolist()
         samples = samples or {k: [widths[k]] for k in keys}
         curves, offset = {}, 2
@@ -133,18 +145,23 @@ class LatencyProfile:
             n = len(samples[k])
             curves[k] = [[float(w), s] for w, s in zip(samples[k], values[offset:offset + n])]
             offset += n
+        combine_s = {}
+        for name, n in (joins or {}).items():
+            combine_s[name] = values[offset:offset + n]
+            offset += n
         branch_s = {k: curve_value(curves[k], widths[k]) for k in keys}
-        return cls(values[0], branch_s, {k: widths[k] for k in keys}, curves, cost, values[1])
+        return cls(values[0], branch_s, {k: widths[k] for k in keys}, curves, cost, values[1], combine_s)
 
     def state_dict(self) -> dict:
         """Plain data (checkpoints stay ``weights_only``-loadable)."""
         return {"network_s": self.network_s, "branch_s": dict(self.branch_s), "branch_width": dict(self.branch_width),
                 "curves": {k: [list(p) for p in c] for k, c in self.curves.items()}, "cost": self.cost,
-                "fixed_s": self.fixed_s}
+                "fixed_s": self.fixed_s, "combine_s": {k: list(v) for k, v in self.combine_s.items()}}
 
     @classmethod
     def from_state_dict(cls, p: dict, cost: str | None = None) -> "LatencyProfile":
         """Restore; checkpoints written before curves existed hold one sample per branch."""
         return cls(p["network_s"], dict(p["branch_s"]), dict(p["branch_width"]),
                    {k: [list(x) for x in c] for k, c in p["curves"].items()} if "curves" in p else None,
-                   cost or p.get("cost", "average"), p.get("fixed_s"))
+                   cost or p.get("cost", "average"), p.get("fixed_s"),
+                   {k: list(v) for k, v in p.get("combine_s", {}).items()})

@@ -106,7 +106,9 @@ class LatencyTable:
         if table is not None:
             return cls(fp, path, table["ops"])
         if data["tables"]:
-            other = next(iter(data["tables"].values()))["fingerprint"]
+            # Name the differences to the closest table: that is usually the setting the user changed.
+            others = [t["fingerprint"] for t in data["tables"].values()]
+            other = min(others, key=lambda o: sum(o.get(k) != fp.get(k) for k in set(o) | set(fp)))
             what = _differences(other, fp)
             if cfg.lut_strict:
                 raise UserError(f"latency LUT {path} was built for another device ({what}): profile this device "

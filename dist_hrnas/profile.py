@@ -28,6 +28,7 @@ def build_lut(cfg, progress: bool = True, timer: Timer | None = None) -> dict:
     return {"lut": cfg.latency.lut, "device": cfg.latency.device, "device_name": device_name(timer.device),
             "backend": cfg.latency.backend,
             "ops_timed": timer.counts.get("op", 0), "fixed_part_timed": bool(timer.counts.get("fixed")),
+            "joins_timed": timer.counts.get("join", 0),
             "branches": len(profile.branch_s), "curve_points": sum(len(c) for c in profile.curves.values()),
             "latency_ms_predicted": round(profile.predict_s(model) * 1e3, 4),
             "latency_ms_measured": round(profile.network_s * 1e3, 4),

@@ -42,7 +42,7 @@ def test_lut_is_reused_and_identical_ops_are_timed_once(tmp_path):
     n_samples = sum(len(p.samples) for p in plan_branches(model, 16, cfg.latency))
     assert timer.counts["op"] == len(distinct) < n_samples  # the parallel blocks repeat ops
     _, second, again = profile(cfg)
-    assert again.counts.get("op", 0) == 0 and again.counts.get("fixed", 0) == 0 and again.counts["network"] == 1
+    assert again.counts == {"network": 1}  # every op, the fixed part and the block joins come from the LUT
     assert second.curves == first.curves and second.fixed_s == first.fixed_s
 
 
@@ -126,8 +126,9 @@ def test_marginal_cost_is_the_step_at_the_current_width_and_follows_shrinks():
     assert registry.entries[key].seconds_per_channel == pytest.approx(STEPS[1] / 8)
     # Prediction: the curve at each width (linear between samples: 12 lies half way from 8 to 16).
     branches = [b.hidden for _, blk in model.named_blocks() for b in blk.branches]
+    joins = sum(1e-3 for _, blk in model.named_blocks() if blk.branches)  # the fake timer's 1 ms per join
     assert prof.predict_s(model) == pytest.approx(prof.fixed_s + sum(staircase(w) for w in branches if w != 12)
-                                                  + (staircase(8) + staircase(16)) / 2)
+                                                  + (staircase(8) + staircase(16)) / 2 + joins)
 
 
 def test_round_mask_keeps_the_largest_scales_in_multiples():
@@ -168,7 +169,7 @@ def test_profile_cli_writes_a_lut_that_training_uses_without_timing_ops(tmp_path
     monkeypatch.setattr(Timer, "__call__", lambda self, fn: (timed.append(fn.what), real_call(self, fn))[1])
     run_dir = tmp_path / "run"
     assert train.main([*args, f"latency.lut={lut}", f"log.run_dir={run_dir}"]) == 0
-    assert "op" not in timed and "fixed" not in timed and timed.count("network") >= 2  # start + each shrink
+    assert set(timed) == {"network"} and len(timed) >= 2  # start + each shrink; no op, fixed part or join
     rec = json.loads((run_dir / "shrinks.jsonl").read_text().splitlines()[-1])
     assert rec["latency_ms_predicted_after"] > 0 and rec["latency_ms_measured_after"] > 0
     assert "latency_error_pct_after" in rec
@@ -186,5 +187,5 @@ def test_onnxruntime_backend_builds_a_lut_for_a_small_config(tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out.strip())
     (table,) = read_lut_file(lut)["tables"].values()
     assert table["fingerprint"]["backend"] == "onnxruntime" and "onnxruntime" in table["fingerprint"]
-    assert len(table["ops"]) == printed["ops_timed"] + 1 and all(v["median_s"] > 0 for v in table["ops"].values())
+    assert len(table["ops"]) > printed["ops_timed"] > 0 and all(v["median_s"] > 0 for v in table["ops"].values())
     assert printed["latency_ms_measured"] > 0
