@@ -111,7 +111,9 @@ class LatencyProfile:
             return marginal_s(self.curves[key], width)
         return curve_value(self.curves[key], width) / width
 
-    def branch_seconds(self, key: str, width: int) -> float:
+    def curve_s(self, key: str, width: int) -> float:
+        """One branch's seconds at ``width``. Not a per-branch share of :meth:`predict_s`: the block joins are
+        per block (a block's share is the drop in ``predict_s`` when it loses its branches)."""
         return curve_value(self.curves[key], width)
 
     def predict_s(self, model) -> float:
@@ -123,7 +125,7 @@ class LatencyProfile:
             if joins and block.branches:
                 total += joins[min(len(block.branches), len(joins)) - 1]
             for branch in block.branches:
-                total += self.branch_seconds(branch_key(name, branch.kernel), branch.hidden)
+                total += self.curve_s(branch_key(name, branch.kernel), branch.hidden)
         return total
 
     def to_tensor(self, keys: list[str]) -> torch.Tensor:
