@@ -1,6 +1,8 @@
 """Latency profiler: LUT cache and fingerprints, marginal (staircase) cost, round_to, profile CLI, onnxruntime."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 
@@ -157,11 +159,14 @@ def test_round_to_widths_in_registry_masks():
     assert [int(m.sum()) for m in unrounded.masks(model)[name]] == [13, 0]
 
 
-def test_profile_cli_writes_a_lut_that_training_uses_without_timing_ops(tmp_path, monkeypatch, capsys):
+def test_profile_cli_writes_a_lut_that_training_uses_without_timing_ops(tmp_path, monkeypatch):
     lut = tmp_path / "lut.json"
     args = ["--config", str(CONFIGS / "digits.yaml"), *SEARCH, "train.epochs=1"]
-    assert profile_cli.main([*args, "--device", "cpu", "--out", str(lut)]) == 0
-    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    out = io.StringIO()
+    # Not capsys: train.main below may create the package logger, which keeps the stream it first sees.
+    with contextlib.redirect_stdout(out):
+        assert profile_cli.main([*args, "--device", "cpu", "--out", str(lut)]) == 0
+    printed = json.loads(out.getvalue().strip().splitlines()[-1])
     assert printed["ops_timed"] > 0 and printed["fixed_part_timed"]
     assert len(read_lut_file(lut)["tables"]) == 1
     timed: list[str] = []
