@@ -114,14 +114,18 @@ class BudgetFit:
 
 
 def fit_masks_to_budget(masks: dict[str, list[torch.Tensor]], branches: list[BranchChannels], current_s: float,
-                        target_s: float, tolerance: float, force: bool) -> BudgetFit:
-    """Edit ``masks`` in place so the shrunk network lands in ``[target (1 - tolerance), target]`` seconds.
+                        target_s: float, tolerance: float, force: bool,
+                        ceiling_s: float | None = None) -> BudgetFit:
+    """Edit ``masks`` in place so the shrunk network lands in ``[target (1 - tolerance), ceiling]`` seconds.
 
     ``masks`` must hold a mask list for every block named in ``branches``. ``current_s``: predicted seconds
-    of the network before this shrink. Too far below the target: revive dead channels, highest |gamma| per
-    second first, while they fit under the target. Above the target and ``force`` (the search's last chance
-    to meet the budget): remove live channels, lowest |gamma| per second first, until the target is met.
+    of the network before this shrink; ``ceiling_s`` defaults to the target (a schedule passes where the
+    plan is now). Too far below the target: revive dead channels, highest |gamma| per second first, while
+    they fit under the target. Above the ceiling and ``force``: remove live channels, lowest |gamma| per
+    second first, until the ceiling is met.
     """
+    ceiling_s = target_s if ceiling_s is None else max(ceiling_s, target_s)
+
     def value(b: BranchChannels, c: int) -> float:  # what a channel is worth per second it costs
         return float(b.scores[c]) / max(b.seconds_per_channel, 1e-15)
 
@@ -135,11 +139,11 @@ def fit_masks_to_budget(masks: dict[str, list[torch.Tensor]], branches: list[Bra
                 masks[b.block][b.index][c] = True
                 after += b.seconds_per_channel
                 fit.revived += 1
-    elif after > target_s and force:
+    elif after > ceiling_s and force:
         live = [(value(b, c), b, c) for b in branches
                 for c in torch.nonzero(masks[b.block][b.index]).flatten().tolist()]
         for _, b, c in sorted(live, key=lambda t: t[0]):
-            if after <= target_s:
+            if after <= ceiling_s:
                 break
             masks[b.block][b.index][c] = False
             after -= b.seconds_per_channel
@@ -174,6 +178,7 @@ class BudgetSteer:
         self.target_s = target_s
         self.tolerance = prune.budget_tolerance
         self.measured_over_predicted = supernet_measured_s / supernet_predicted_s
+        self.supernet_predicted_s = supernet_predicted_s
         epoch_target = prune.epoch_target if prune.epoch_target > 0 else 0.75 * epochs
         self.plan = PrunedSecondsPlan(supernet_predicted_s - self.target_predicted_s(), prune.epoch_free,
                                       epoch_target, prune.schedule)
@@ -195,9 +200,18 @@ class BudgetSteer:
         return self.controller.update(self.plan.planned_s(epoch), pruned_s, self.plan.total_s, dt)
 
     def fit(self, masks: dict[str, list[torch.Tensor]], branches: list[BranchChannels], current_predicted_s: float,
-            force: bool) -> BudgetFit:
-        return fit_masks_to_budget(masks, branches, current_predicted_s, self.target_predicted_s(),
-                                   self.tolerance, force)
+            epoch: float, last_epoch: bool) -> BudgetFit:
+        """Fit a shrink's masks: never far below the target; at or under where the plan is by ``epoch``.
+
+        The L1 term alone cannot be trusted to keep pace (plain SGD makes scales hover around zero rather
+        than under the threshold), so each shrink also takes the lowest |gamma|-per-second channels the plan
+        calls for by now: the schedule is followed at every shrink, and the last one meets the target.
+        """
+        target = self.target_predicted_s()  # in today's units: the ratio is re-read after every shrink
+        planned_share = 1.0 if last_epoch or self.plan.total_s <= 0 else self.plan.planned_s(epoch) / self.plan.total_s
+        ceiling = self.supernet_predicted_s - planned_share * (self.supernet_predicted_s - target)
+        return fit_masks_to_budget(masks, branches, current_predicted_s, target, self.tolerance, force=True,
+                                   ceiling_s=ceiling)
 
     def observe(self, predicted_s: float, measured_s: float) -> None:
         """After a shrink: re-calibrate the units; the budget is met once the measured latency is."""
@@ -214,3 +228,19 @@ class BudgetSteer:
         self.controller.load_state_dict(state["controller"])
         self.measured_over_predicted = float(state["measured_over_predicted"])
         self.last_epoch = float(state["last_epoch"])
+
+
+def full_masks(model, masks: dict[str, list[torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
+    """``masks`` with an all-kept mask list for every block that has none (fitting may edit any block)."""
+    return {name: [m.clone() for m in masks[name]] if name in masks else
+            [torch.ones(b.hidden, dtype=torch.bool) for b in block.branches] for name, block in model.named_blocks()}
+
+
+def branch_channels(model, pairs) -> list[BranchChannels]:
+    """The registered branches of ``model`` (``(entry, dw_bn)`` pairs of the prune registry) for fitting."""
+    blocks = dict(model.named_blocks())
+    out = []
+    for entry, bn in pairs:
+        index = [b.kernel for b in blocks[entry.block].branches].index(entry.kernel)
+        out.append(BranchChannels(entry.block, index, bn.weight.detach().abs().cpu(), entry.seconds_per_channel))
+    return out

@@ -182,7 +182,7 @@ class PruneConfig:
     controller_kp: float = _f(10.0, "Budget controller: proportional gain on (planned - actual pruned seconds) / "
                                     "budget, in log-rho.")
     controller_ki: float = _f(20.0, "Budget controller: integral gain (per epoch), in log-rho.")
-    rho_max_factor: float = _f(100.0, "Budget controller: rho stays within [rho / f, rho * f].")
+    rho_max_factor: float = _f(10.0, "Budget controller: rho stays within [rho / f, rho * f].")
 
     def __post_init__(self) -> None:
         _choice("prune", "penalty", self.penalty, ("seconds", "macs", "equal", "none"))

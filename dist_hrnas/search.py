@@ -11,14 +11,17 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
 from dist_hrnas import distributed
+from dist_hrnas.budget import BudgetSteer, branch_channels, full_masks
 from dist_hrnas.config import Config
-from dist_hrnas.latency import (LatencyProfile, Timer, measure_network_on_rank0, profile_on_rank0)
+from dist_hrnas.latency import (LatencyProfile, Timer, branch_key, measure_network_on_rank0,
+                                profile_on_rank0)
 from dist_hrnas.metrics import NullWriter
 from dist_hrnas.errors import ConsistencyError
 from dist_hrnas.fileio import atomic_write_text
@@ -123,6 +126,33 @@ def error_pct(predicted: float, measured: float) -> float:
     return 100.0 * (predicted - measured) / measured if measured > 0 else 0.0
 
 
+def predict_after_masks(profile: LatencyProfile, model: HRNet, masks: dict[str, list[torch.Tensor]]) -> float:
+    """Predicted seconds of ``model`` shrunk by ``masks``, without building it (same widths surgery gives)."""
+    blocks = []
+    for name, block in model.named_blocks():
+        given = masks.get(name)
+        kept = [SimpleNamespace(kernel=b.kernel, hidden=int(given[i].sum()) if given is not None else b.hidden)
+                for i, b in enumerate(block.branches)]
+        blocks.append((name, SimpleNamespace(branches=[b for b in kept if b.hidden > 0])))
+    return profile.predict_s(SimpleNamespace(named_blocks=lambda: blocks))
+
+
+def smallest_predicted_s(profile: LatencyProfile, model: HRNet, registry: PruneRegistry) -> float:
+    """Predicted seconds with every prunable branch removed: no search can go below this."""
+    masks = {name: [torch.full((b.hidden,), branch_key(name, b.kernel) not in registry.entries)
+                    for b in block.branches] for name, block in model.named_blocks()}
+    return predict_after_masks(profile, model, masks)
+
+
+SCHEDULE_LAYOUT = {"schedule": {
+    "pruned seconds: planned vs actual": ("Multiline", ["schedule/seconds_pruned_planned",
+                                                        "schedule/seconds_pruned_actual"]),
+    "latency ms: target, measured at shrinks, predicted": ("Multiline", ["schedule/target_latency_ms",
+                                                                         "schedule/latency_ms_measured",
+                                                                         "prune/latency_ms_predicted"]),
+    "rho": ("Multiline", ["schedule/rho"])}}
+
+
 class Search:
     """Search state for one run; identical on every rank (rank 0 measures and decides, others receive)."""
 
@@ -148,13 +178,22 @@ class Search:
             self.shrinks = list(saved["shrinks"])
         self.pairs = self.registry.bns(model)
         self._start_logged = saved is not None  # a resumed run logged its start already
+        self.predicted_now_s = self.profile.predict_s(model)
+        self.budget: BudgetSteer | None = None
+        if self.enabled and cfg.prune.has_budget:
+            self.budget = BudgetSteer(cfg.prune, cfg.train.epochs, self.latency_ms_supernet / 1e3,
+                                      self.supernet_predicted_s,
+                                      smallest_predicted_s(self.profile, model, self.registry),
+                                      where=f"{cfg.latency.device} at batch {cfg.latency.batch_size}")
+            if saved is not None and saved.get("budget"):
+                self.budget.load_state_dict(saved["budget"])
 
     def state_dict(self) -> dict:
         """Plain data for the checkpoint (resuming measures nothing)."""
         return {"profile": self.profile.state_dict(),
                 "registry": self.registry.state_dict(), "latency_ms_supernet": self.latency_ms_supernet,
                 "supernet_predicted_s": self.supernet_predicted_s, "latency_ms_measured": self.latency_ms_measured,
-                "shrinks": list(self.shrinks)}
+                "shrinks": list(self.shrinks), "budget": self.budget.state_dict() if self.budget else None}
 
     def rewrite_shrink_log(self) -> None:
         """Make ``shrinks.jsonl`` hold exactly the shrinks this state knows (used when resuming)."""
@@ -162,7 +201,20 @@ class Search:
 
     # ---- per step
     def rho(self, epoch_float: float) -> float:
-        return rho_at(self.cfg.prune, epoch_float) if self.enabled else 0.0
+        """rho for this step: the warm-up schedule, or with a budget the controller's (the same on every rank:
+        it only reads the scales, which data parallelism keeps identical, and rank 0's profile)."""
+        if not self.enabled:
+            return 0.0
+        if self.budget is None:
+            return rho_at(self.cfg.prune, epoch_float)
+        return self.budget.rho(epoch_float, self.seconds_pruned_now())
+
+    @torch.no_grad()
+    def seconds_pruned_now(self) -> float:
+        """Predicted seconds gone since the supernet: removed by shrinks plus dead right now."""
+        thr = self.cfg.prune.threshold
+        dead_s = sum(int((bn.weight.abs() <= thr).sum()) * e.seconds_per_channel for e, bn in self.pairs)
+        return self.supernet_predicted_s - (self.predicted_now_s - dead_s)
 
     def penalty(self, rho: float) -> torch.Tensor | None:
         """rho * sum_b penalty_b * sum |gamma_b|, or None when there is nothing to add."""
@@ -184,6 +236,8 @@ class Search:
             writer.scalar("prune/latency_ms_predicted_net", self.supernet_predicted_s * 1e3, 0)
             writer.scalar("prune/latency_error_pct",
                           error_pct(self.supernet_predicted_s * 1e3, self.latency_ms_supernet), 0)
+            if self.budget is not None:
+                writer.custom_scalars(SCHEDULE_LAYOUT)
         dead_s = self.registry.pruned_seconds(model, self.registry.masks(model))
         now_ms = self.predicted_ms(model) - dead_s * 1e3
         writer.scalar("train/bn_l1_loss", l1, step)
@@ -191,6 +245,11 @@ class Search:
         writer.scalar("prune/seconds_pruned", self.supernet_predicted_s - now_ms / 1e3, step)
         writer.scalar("prune/latency_ms_predicted", now_ms, step)
         writer.scalar("prune/channels_alive", self.registry.channels_alive(self.pairs), step)
+        if self.budget is not None:
+            writer.scalar("schedule/seconds_pruned_planned", self.budget.plan.planned_s(self.budget.last_epoch), step)
+            writer.scalar("schedule/seconds_pruned_actual", self.supernet_predicted_s - now_ms / 1e3, step)
+            writer.scalar("schedule/target_latency_ms", self.budget.target_s * 1e3, step)
+            writer.scalar("schedule/rho", rho, step)
 
     # ---- per evaluation
     def after_eval(self, model: HRNet, ema_model: HRNet | None, last_epoch: bool, step: int, epoch: int,
@@ -199,20 +258,43 @@ class Search:
         """Decide (rank 0) and, if due, shrink on every rank. Returns whether a shrink happened.
 
         ``rebuild(result, old_params)`` rebuilds the optimizer (carrying sliced state), scheduler and
-        wrapper around the shrunk model: the training loop owns those.
+        wrapper around the shrunk model: the training loop owns those. With a budget, masks are fitted to the
+        target first, nothing shrinks once it is met, and at the last epoch up to two corrective shrinks
+        follow if the measured latency is still above it.
         """
-        if not self.enabled:
+        if not self.enabled or (self.budget is not None and self.budget.done):
             return False
         writer.histogram("bn_scale/all", torch.cat([bn.weight.detach().abs().cpu() for _, bn in self.pairs])
                          if self.pairs else torch.zeros(1), step)
         distributed.sync_bn_buffers_(model)
         masks = self.registry.masks(model, ema_model, ema_only=last_epoch and ema_model is not None)
-        masks = broadcast_masks(model, masks)
-        dead = sum(int((~m).sum()) for ms in masks.values() for m in ms)
-        pruned_s = self.registry.pruned_seconds(model, masks)
-        if not should_shrink(self.cfg.prune, pruned_s, dead, last_epoch):
-            return False
-        before_ms = self.predicted_ms(model)
+        shrunk = False
+        for attempt in range(3 if self.budget is not None and last_epoch else 1):
+            if self.budget is not None:
+                masks = full_masks(model, masks)
+                self.budget.fit(masks, branch_channels(model, self.pairs), self.predicted_now_s, epoch + 1.0,
+                                last_epoch)
+            masks = broadcast_masks(model, masks)  # rank 0's decision everywhere (drops all-kept blocks)
+            dead = sum(int((~m).sum()) for ms in masks.values() for m in ms)
+            if not should_shrink(self.cfg.prune, self.registry.pruned_seconds(model, masks), dead, last_epoch):
+                break
+            if predict_after_masks(self.profile, model, masks) >= self.predicted_now_s:
+                # the latency model says this shrink would not make the network faster (a staircase step):
+                # keep the channels, the penalty goes on and a later shrink takes more
+                writer.scalar("prune/shrink_refused", 1, step)
+                break
+            self._shrink(model, ema_model, masks, dead, step, epoch, rebuild, calibration_batches, writer)
+            shrunk = True
+            if self.budget is None or self.budget.done or not last_epoch:
+                break
+            masks = {}  # still above the target at the end: fit the whole network again, forced
+        return shrunk
+
+    def _shrink(self, model: HRNet, ema_model: HRNet | None, masks: dict[str, list[torch.Tensor]], dead: int,
+                step: int, epoch: int, rebuild: Callable[[ShrinkResult, dict[str, torch.nn.Parameter]], None],
+                calibration_batches: Callable[[], Iterable], writer: NullWriter) -> None:
+        """Surgery on every rank, consistency check, rebuild, BN re-calibration, rank-0 measurement, records."""
+        before_ms = self.predicted_now_s * 1e3
         old_params = dict(model.named_parameters())
         result = shrink_model(model, masks)
         if ema_model is not None:
@@ -220,6 +302,7 @@ class Search:
         arch_hash, rank_hashes = check_same_on_all_ranks(model, step)
         self.registry.update_after_shrink(model, self.profile)
         self.pairs = self.registry.bns(model)
+        self.predicted_now_s = self.profile.predict_s(model)
         rebuild(result, old_params)
         if self.cfg.prune.bn_calibration_steps:
             calibrate_bn(model, calibration_batches(), self.cfg.prune.bn_calibration_steps,
@@ -227,21 +310,24 @@ class Search:
             distributed.sync_bn_buffers_(model)  # each rank calibrated on its own shard
         self.latency_ms_measured = measure_network_on_rank0(model, self.image_size, self.cfg.latency,
                                                             self.timer) * 1e3
+        after_ms = self.predicted_now_s * 1e3
+        extra = {"latency_error_pct_after": round(error_pct(after_ms, self.latency_ms_measured), 3),
+                 "arch_hash": arch_hash, "rank_hashes": rank_hashes}
+        if self.budget is not None:
+            self.budget.observe(self.predicted_now_s, self.latency_ms_measured / 1e3)
+            extra |= {"target_latency_ms": round(self.budget.target_s * 1e3, 4), "budget_met": self.budget.done}
+            writer.scalar("schedule/latency_ms_measured", self.latency_ms_measured, step)
         blocks = model.named_blocks()
         record = ShrinkRecord(step=step, epoch=epoch + 1, channels_removed=dead,
                               widths={n: b.widths for n, b in blocks}, kernel_sizes={n: b.kernel_sizes for n, b in blocks},
                               latency_ms_predicted_before=round(before_ms, 4),
-                              latency_ms_predicted_after=round(self.predicted_ms(model), 4),
-                              latency_ms_measured_after=round(self.latency_ms_measured, 4),
-                              extra={"latency_error_pct_after": round(error_pct(self.predicted_ms(model),
-                                                                                self.latency_ms_measured), 3),
-                                     "arch_hash": arch_hash, "rank_hashes": rank_hashes})
+                              latency_ms_predicted_after=round(after_ms, 4),
+                              latency_ms_measured_after=round(self.latency_ms_measured, 4), extra=extra)
         self.shrinks.append(json.loads(record.to_json()))
         writer.scalar("prune/shrink", len(self.shrinks), step)
         writer.scalar("prune/latency_ms_measured", self.latency_ms_measured, step)
-        writer.scalar("prune/latency_ms_predicted_net", self.predicted_ms(model), step)
-        writer.scalar("prune/latency_error_pct", record.extra["latency_error_pct_after"], step)
+        writer.scalar("prune/latency_ms_predicted_net", after_ms, step)
+        writer.scalar("prune/latency_error_pct", extra["latency_error_pct_after"], step)
         if distributed.rank() == 0:
             with open(self.run_dir / "shrinks.jsonl", "a") as f:
                 f.write(record.to_json() + "\n")
-        return True

@@ -316,6 +316,10 @@ def run(cfg: Config, ctx: distributed.DistContext) -> dict:
                     "params_searched": count_params(model),
                     "macs_searched": sum(count_macs(model, data.channels, data.image_size).values()),
                     "latency_device": cfg.latency.device, "latency_batch_size": cfg.latency.batch_size}
+        if search.budget is not None:
+            target_ms = search.budget.target_s * 1e3
+            summary |= {"target_latency_ms": round(target_ms, 4), "budget_met": search.budget.done,
+                        "latency_vs_target_pct": round(100 * (search.latency_ms_measured / target_ms - 1), 2)}
     if ctx.is_main:
         if search:
             save_arch_file(export_arch(model), run_dir / "searched_arch.yaml")

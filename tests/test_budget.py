@@ -1,6 +1,7 @@
 """Budget arithmetic: the planned schedule, the rho controller in closed loop, fitting masks to the target."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -90,3 +91,81 @@ def test_within_tolerance_nothing_changes_and_over_target_only_force_removes():
     # live: a0 0.5/s, b0 0.45/s, b3 0.3/s -> remove b3 (11 s), then b0 (9 s): at or under 10 s
     assert fit.removed == 2 and fit.latency_s_after == pytest.approx(9.0)
     assert masks["b"][0].tolist() == [False, False, False, False] and masks["a"][0].tolist()[0]
+
+
+def test_fit_follows_a_ceiling_above_the_target_mid_search():
+    masks, branches = _branches()
+    # plan says: be at or under 18 s by now (final target 10 s): remove the cheapest-to-lose live channels only
+    fit = fit_masks_to_budget(masks, branches, current_s=20.0, target_s=10.0, tolerance=0.05, force=True,
+                              ceiling_s=18.0)
+    assert fit.removed == 0 and fit.latency_s_after == pytest.approx(13.0)  # already under the ceiling
+    masks = {"a": [torch.ones(4, dtype=torch.bool)], "b": [torch.ones(4, dtype=torch.bool)]}
+    fit = fit_masks_to_budget(masks, branches, current_s=20.0, target_s=10.0, tolerance=0.05, force=True,
+                              ceiling_s=17.0)
+    # live by |gamma| per second: b2 0.025, b1 0.05 -> 16 s <= 17 s
+    assert fit.removed == 2 and fit.latency_s_after == pytest.approx(16.0)
+    assert masks["b"][0].tolist() == [True, False, False, True]
+
+
+# ---- the budget in a real (small) search
+
+def _budget_search(run_dir, *extra: str) -> dict:
+    from dist_hrnas import train
+    from tests.conftest import CONFIGS
+    from tests.test_search import SEARCH
+
+    argv = ["--config", str(CONFIGS / "digits.yaml"), *SEARCH, "prune.threshold=1e-3", "prune.rho=0.02",
+            "train.epochs=4", "train.max_steps_per_epoch=5", "latency.repeats=7", *extra, f"log.run_dir={run_dir}"]
+    assert train.main(argv) == 0
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def test_a_budget_search_lands_at_or_under_the_target_and_logs_the_schedule(tmp_path):
+    from dist_hrnas.metrics import read_scalars, read_tags
+
+    summary = _budget_search(tmp_path, "prune.target_ratio=0.6", "prune.epoch_target=3")
+    target = summary["target_latency_ms"]
+    assert target == pytest.approx(0.6 * summary["latency_ms_supernet"], rel=1e-3)
+    assert summary["budget_met"] and summary["latency_ms_searched"] <= target
+    assert summary["latency_vs_target_pct"] == pytest.approx(100 * (summary["latency_ms_searched"] / target - 1),
+                                                             abs=0.01)
+    scalars = read_scalars(tmp_path / "tb")
+    for tag in ("schedule/seconds_pruned_planned", "schedule/seconds_pruned_actual", "schedule/latency_ms_measured",
+                "schedule/target_latency_ms", "schedule/rho"):
+        assert tag in scalars, tag
+    planned = [v for _, v in scalars["schedule/seconds_pruned_planned"]]
+    assert planned[0] < planned[-1] and all(b >= a - 1e-12 for a, b in zip(planned, planned[1:]))
+    assert len(scalars["schedule/latency_ms_measured"]) == summary["shrinks"]
+    assert scalars["schedule/rho"][-1][1] == 0.0  # budget met: no more penalty
+    assert "custom_scalars__config__" in read_tags(tmp_path / "tb")["tensors"]
+    layout = json.loads((tmp_path / "tb" / "custom_scalars_layout.json").read_text())
+    assert layout["schedule"]["pruned seconds: planned vs actual"] == [
+        "Multiline", ["schedule/seconds_pruned_planned", "schedule/seconds_pruned_actual"]]
+    shrinks = [json.loads(line) for line in (tmp_path / "shrinks.jsonl").read_text().splitlines()]
+    assert shrinks[-1]["budget_met"] and shrinks[-1]["target_latency_ms"] == pytest.approx(target, rel=1e-3)
+
+
+@pytest.mark.parametrize("budget, needle", [
+    ("prune.target_latency_ms=100000", "the supernet already runs in"),
+    ("prune.target_ratio=0.001", "below the smallest network this supernet can shrink to"),
+])
+def test_impossible_budgets_stop_before_training_with_one_line(tmp_path, capsys, budget, needle):
+    with pytest.raises(SystemExit) as exc:
+        _budget_search(tmp_path, budget)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0] and budget.split("=")[0] in err[0]
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "summary.json").exists()
+
+
+@pytest.mark.parametrize("budget, needle", [
+    ("prune.target_latency_ms=0", "must be > 0 ms"),
+    ("prune.target_latency_ms=-5", "must be > 0 ms"),
+    ("prune.target_ratio=0", "between 0 and 1"),
+])
+def test_zero_or_negative_budgets_are_config_errors(budget, needle):
+    from dist_hrnas.config import ConfigError, load_config
+    from tests.conftest import CONFIGS
+
+    with pytest.raises(ConfigError, match=needle):
+        load_config(CONFIGS / "digits.yaml", [budget])
