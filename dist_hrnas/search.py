@@ -137,6 +137,23 @@ def predict_after_masks(profile: LatencyProfile, model: HRNet, masks: dict[str, 
     return profile.predict_s(SimpleNamespace(named_blocks=lambda: blocks))
 
 
+def keep_branches_that_would_slow_down(profile: LatencyProfile, model: HRNet,
+                                       masks: dict[str, list[torch.Tensor]]) -> int:
+    """Keep every channel of a branch whose curve says the narrower width runs no faster (a staircase step):
+    removing them would cost accuracy for nothing. Edits ``masks``; returns how many branches were kept."""
+    kept = 0
+    for name, block in model.named_blocks():
+        for i, branch in enumerate(block.branches):
+            mask = masks.get(name, [None] * (i + 1))[i]
+            if mask is None or bool(mask.all()) or not bool(mask.any()):
+                continue  # nothing removed, or the whole branch goes (then its cost and join go too)
+            key = branch_key(name, branch.kernel)
+            if profile.curve_s(key, int(mask.sum())) >= profile.curve_s(key, branch.hidden):
+                masks[name][i] = torch.ones_like(mask)
+                kept += 1
+    return kept
+
+
 def smallest_predicted_s(profile: LatencyProfile, model: HRNet, registry: PruneRegistry) -> float:
     """Predicted seconds with every prunable branch removed: no search can go below this."""
     masks = {name: [torch.full((b.hidden,), branch_key(name, b.kernel) not in registry.entries)
@@ -275,13 +292,15 @@ class Search:
                 self.budget.fit(masks, branch_channels(model, self.pairs), self.predicted_now_s, epoch + 1.0,
                                 last_epoch)
             masks = broadcast_masks(model, masks)  # rank 0's decision everywhere (drops all-kept blocks)
+            if keep_branches_that_would_slow_down(self.profile, model, masks):
+                writer.scalar("prune/shrink_refused", 1, step)
             dead = sum(int((~m).sum()) for ms in masks.values() for m in ms)
             if not should_shrink(self.cfg.prune, self.registry.pruned_seconds(model, masks), dead, last_epoch):
                 break
             if predict_after_masks(self.profile, model, masks) >= self.predicted_now_s:
                 # the latency model says this shrink would not make the network faster (a staircase step):
                 # keep the channels, the penalty goes on and a later shrink takes more
-                writer.scalar("prune/shrink_refused", 1, step)
+                writer.scalar("prune/shrink_refused", 2, step)
                 break
             self._shrink(model, ema_model, masks, dead, step, epoch, rebuild, calibration_batches, writer)
             shrunk = True

@@ -169,3 +169,34 @@ def test_zero_or_negative_budgets_are_config_errors(budget, needle):
 
     with pytest.raises(ConfigError, match=needle):
         load_config(CONFIGS / "digits.yaml", [budget])
+
+
+def test_a_shrink_the_latency_model_predicts_slower_is_refused(tmp_path):
+    """Monotonic shrinking: on a staircase where half the width runs slower than all of it, that branch keeps
+    its channels; with nothing else to remove, the shrink is refused."""
+    from dist_hrnas.config import load_config
+    from dist_hrnas.metrics import read_scalars, make_writer
+    from dist_hrnas.models import build_model
+    from dist_hrnas.search import Search, predict_after_masks
+    from tests.conftest import CONFIGS
+    from tests.test_search import SEARCH
+
+    cfg = load_config(CONFIGS / "digits.yaml", [*SEARCH, "prune.threshold=1e-3"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    search = Search(cfg, model, 16, tmp_path)
+    entry, bn = search.pairs[0]
+    width = entry.width
+    search.profile.curves[entry.key] = [[width / 2, 1.0], [float(width), 0.5]]  # the dip: narrower is slower
+    search.predicted_now_s = search.profile.predict_s(model)
+    with torch.no_grad():
+        bn.weight[width // 2:] = 0.0                                           # half the channels dead
+    masks = search.registry.masks(model)
+    assert predict_after_masks(search.profile, model, masks) > search.predicted_now_s
+    writer = make_writer(tmp_path, True, True)
+    shrunk = search.after_eval(model, None, False, 3, 0, lambda *_: pytest.fail("must not rebuild"),
+                               lambda: [], writer)
+    writer.close()
+    assert not shrunk and search.shrinks == [] and entry.width == width
+    assert read_scalars(tmp_path / "tb")["prune/shrink_refused"] == [(3, 1.0)]
+    assert bool(bn.weight[: width // 2].ne(0).all())
