@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: search test venv clean
+.PHONY: search test bench venv clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,14 @@ search: $(STAMP)
 
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
+
+# Benchmarks print JSON and write it under bench/results/ (plus the Pareto plots); about 45 minutes here.
+bench: $(STAMP)
+	mkdir -p bench/results
+	OMP_NUM_THREADS=1 $(PY) bench/overhead.py
+	OMP_NUM_THREADS=1 $(PY) bench/latency_accuracy.py --out bench/results/latency_accuracy.json
+	OMP_NUM_THREADS=1 $(PY) bench/profile_cost.py > bench/results/profile_cost.json && cat bench/results/profile_cost.json
+	OMP_NUM_THREADS=1 $(PY) bench/search_quality.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -137,9 +137,14 @@ def predict_after_masks(profile: LatencyProfile, model: HRNet, masks: dict[str, 
     return profile.predict_s(SimpleNamespace(named_blocks=lambda: blocks))
 
 
+# A branch keeps its channels only when its curve says the narrower width is clearly slower: curve samples
+# carry timing noise, and a stricter rule would block most small shrinks on a busy machine.
+SLOWER_MARGIN = 1.02
+
+
 def keep_branches_that_would_slow_down(profile: LatencyProfile, model: HRNet,
                                        masks: dict[str, list[torch.Tensor]]) -> int:
-    """Keep every channel of a branch whose curve says the narrower width runs no faster (a staircase step):
+    """Keep every channel of a branch whose curve says the narrower width runs slower (a staircase step):
     removing them would cost accuracy for nothing. Edits ``masks``; returns how many branches were kept."""
     kept = 0
     for name, block in model.named_blocks():
@@ -148,7 +153,7 @@ def keep_branches_that_would_slow_down(profile: LatencyProfile, model: HRNet,
             if mask is None or bool(mask.all()) or not bool(mask.any()):
                 continue  # nothing removed, or the whole branch goes (then its cost and join go too)
             key = branch_key(name, branch.kernel)
-            if profile.curve_s(key, int(mask.sum())) >= profile.curve_s(key, branch.hidden):
+            if profile.curve_s(key, int(mask.sum())) > SLOWER_MARGIN * profile.curve_s(key, branch.hidden):
                 masks[name][i] = torch.ones_like(mask)
                 kept += 1
     return kept
