@@ -123,7 +123,7 @@ def count_latency_increases(run_dir: Path, supernet_ms: float) -> tuple[int, int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--rhos", default="0.005,0.02,0.06")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--work", default=str(RESULTS / "tmp" / "search_quality"))

@@ -116,13 +116,13 @@ class BudgetFit:
 def fit_masks_to_budget(masks: dict[str, list[torch.Tensor]], branches: list[BranchChannels], current_s: float,
                         target_s: float, tolerance: float, force: bool,
                         ceiling_s: float | None = None) -> BudgetFit:
-    """Edit ``masks`` in place so the shrunk network lands in ``[target (1 - tolerance), ceiling]`` seconds.
+    """Edit ``masks`` in place so the shrunk network lands in ``[ceiling (1 - tolerance), ceiling]`` seconds.
 
     ``masks`` must hold a mask list for every block named in ``branches``. ``current_s``: predicted seconds
     of the network before this shrink; ``ceiling_s`` defaults to the target (a schedule passes where the
-    plan is now). Too far below the target: revive dead channels, highest |gamma| per second first, while
-    they fit under the target. Above the ceiling and ``force``: remove live channels, lowest |gamma| per
-    second first, until the ceiling is met.
+    plan is now, so shrinks follow the plan instead of running ahead of it). Too far below the ceiling:
+    revive dead channels, highest |gamma| per second first, while they fit under it. Above the ceiling and
+    ``force``: remove live channels, lowest |gamma| per second first, until it is met.
     """
     ceiling_s = target_s if ceiling_s is None else max(ceiling_s, target_s)
 
@@ -131,11 +131,11 @@ def fit_masks_to_budget(masks: dict[str, list[torch.Tensor]], branches: list[Bra
 
     after = current_s - sum(int((~masks[b.block][b.index]).sum()) * b.seconds_per_channel for b in branches)
     fit = BudgetFit()
-    if after < target_s * (1.0 - tolerance):
+    if after < ceiling_s * (1.0 - tolerance):
         dead = [(value(b, c), b, c) for b in branches
                 for c in torch.nonzero(~masks[b.block][b.index]).flatten().tolist()]
         for _, b, c in sorted(dead, key=lambda t: -t[0]):
-            if after + b.seconds_per_channel <= target_s:
+            if after + b.seconds_per_channel <= ceiling_s:
                 masks[b.block][b.index][c] = True
                 after += b.seconds_per_channel
                 fit.revived += 1
