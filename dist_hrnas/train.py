@@ -38,6 +38,26 @@ def resolve_run_dir(cfg: Config) -> Path:
     return Path(cfg.log.run_dir) if cfg.log.run_dir else Path("runs") / cfg.name
 
 
+RUN_OUTPUTS = ("config.yaml", "summary.json", "shrinks.jsonl", "searched_arch.yaml", "report_schedule.png", "tb",
+               "checkpoints")
+
+
+def archive_previous_run(run_dir: Path) -> Path | None:
+    """Move an earlier run's outputs into ``previous/<time>/`` so a fresh run neither appends to its
+    ``shrinks.jsonl`` and TensorBoard events nor overwrites its checkpoint. Returns where they went."""
+    found = [run_dir / name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+    if not found:
+        return None
+    dest = run_dir / "previous" / time.strftime("%Y%m%d-%H%M%S")
+    suffix = 1
+    while dest.exists():
+        dest, suffix = dest.with_name(f"{dest.name.split('.')[0]}.{suffix}"), suffix + 1
+    dest.mkdir(parents=True)
+    for path in found:
+        path.rename(dest / path.name)
+    return dest
+
+
 def check_data_matches_model(cfg: Config, data: Datasets, model: HRNet) -> None:
     spec = model.spec
     if data.num_classes != spec.num_classes:
@@ -208,13 +228,19 @@ def run(cfg: Config, ctx: distributed.DistContext) -> dict:
     log = get_logger(ctx.is_main)
     run_dir = resolve_run_dir(cfg)
     ckpt_path = run_dir / "checkpoints" / "last.pt"
+    resuming = cfg.checkpoint.resume == "auto" and ckpt_path.is_file()
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if not resuming:
+            moved = archive_previous_run(run_dir)
+            if moved:
+                log.info(f"a fresh run in {run_dir}: the previous run's files are kept in {moved}")
         save_config(cfg, run_dir / "config.yaml")
+    distributed.barrier()  # nobody reads the run directory while rank 0 tidies it
     torch.manual_seed(cfg.train.seed)
 
     data = build_datasets(cfg.data)
-    resume = load_checkpoint(ckpt_path) if cfg.checkpoint.resume == "auto" and ckpt_path.is_file() else None
+    resume = load_checkpoint(ckpt_path) if resuming else None
     # nanoGPT's rule: rebuild the (possibly shrunk) architecture stored in the checkpoint, then load weights.
     model = model_from_arch(resume["arch"], source=str(ckpt_path)) if resume else build_model(cfg.model)
     check_data_matches_model(cfg, data, model)

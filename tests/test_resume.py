@@ -117,3 +117,17 @@ def test_killed_rank_under_max_restarts_still_finishes_the_search(tmp_path, pyth
     assert summary["world_size"] == 2 and summary["steps"] == 5 * 6
     arch = model_from_arch(load_checkpoint(ckpt)["arch"])
     assert torch.isfinite(arch(torch.randn(2, 1, 16, 16))).all()
+
+
+def test_a_fresh_run_in_an_old_run_directory_keeps_the_old_files_apart(tmp_path):
+    run_dir = tmp_path / "run"
+    argv = ["--config", str(CONFIGS / "digits.yaml"), *SEARCH, f"log.run_dir={run_dir}"]
+    assert train.main(argv) == 0
+    first = {name: (run_dir / name).read_bytes() for name in ("shrinks.jsonl", "summary.json")}
+    assert train.main([*argv, "checkpoint.resume=never"]) == 0
+    (previous,) = list((run_dir / "previous").iterdir())
+    assert {name: (previous / name).read_bytes() for name in first} == first
+    assert (previous / "checkpoints" / "last.pt").is_file() and (previous / "tb").is_dir()
+    shrinks = (run_dir / "shrinks.jsonl").read_text().splitlines()
+    assert len(shrinks) == json.loads((run_dir / "summary.json").read_text())["shrinks"]  # not appended
+    assert len(list((run_dir / "tb").glob("events.*"))) == 1
