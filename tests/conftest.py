@@ -28,10 +28,12 @@ def _no_leftover_process_group():
 
 
 @pytest.fixture
-def python_env() -> dict:
-    """Environment for subprocesses: one thread each, the package importable, a scratch-free PATH."""
+def python_env(tmp_path_factory) -> dict:
+    """Environment for subprocesses: one thread each, the package importable, a scratch TMPDIR of their own
+    (torchrun and DeepSpeed write temp files; parallel jobs must not share them)."""
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = "1"
+    env["TMPDIR"] = str(tmp_path_factory.mktemp("tmpdir"))
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
