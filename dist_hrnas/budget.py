@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -113,45 +113,79 @@ class BudgetFit:
         return asdict(self)
 
 
-def fit_masks_to_budget(masks: dict[str, list[torch.Tensor]], branches: list[BranchChannels], current_s: float,
+Masks = dict[str, list[torch.Tensor]]
+
+
+def linear_predictor(current_s: float, branches: list[BranchChannels]) -> Callable[[Masks], float]:
+    """Seconds after ``masks`` as ``current_s`` minus each removed channel's cost (the per-channel model)."""
+    def predict(masks: Masks) -> float:
+        return current_s - sum(int((~masks[b.block][b.index]).sum()) * b.seconds_per_channel for b in branches)
+    return predict
+
+
+def _shortest_prefix(n: int, ok: Callable[[int], bool]) -> int:
+    """Smallest k in [0, n] with ``ok(k)`` (assumed monotone in k), or n when none is."""
+    lo, hi = 0, n
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if ok(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def fit_masks_to_budget(masks: Masks, branches: list[BranchChannels], current_s: float,
                         target_s: float, tolerance: float, force: bool,
-                        ceiling_s: float | None = None) -> BudgetFit:
+                        ceiling_s: float | None = None,
+                        predict: Callable[[Masks], float] | None = None) -> BudgetFit:
     """Edit ``masks`` in place so the shrunk network lands in ``[ceiling (1 - tolerance), ceiling]`` seconds.
 
     ``masks`` must hold a mask list for every block named in ``branches``. ``current_s``: predicted seconds
     of the network before this shrink; ``ceiling_s`` defaults to the target (a schedule passes where the
     plan is now, so shrinks follow the plan instead of running ahead of it). Too far below the ceiling:
-    revive dead channels, highest |gamma| per second first, while they fit under it. Above the ceiling and
+    revive dead channels, highest |gamma| per second first, as many as stay under it. Above the ceiling and
     ``force``: remove live channels, lowest |gamma| per second first, until it is met.
+
+    The channels are *ranked* by the per-channel costs, but how many to take is judged by ``predict`` (the
+    latency model's whole-network prediction, default the per-channel sum): removing a branch's last
+    channels also removes its launch overhead, which a per-channel cost does not see, and fitting by the
+    sum alone overshot by a whole branch's worth.
     """
     ceiling_s = target_s if ceiling_s is None else max(ceiling_s, target_s)
+    predict = predict or linear_predictor(current_s, branches)
 
     def value(b: BranchChannels, c: int) -> float:  # what a channel is worth per second it costs
         return float(b.scores[c]) / max(b.seconds_per_channel, 1e-15)
 
-    after = current_s - sum(int((~masks[b.block][b.index]).sum()) * b.seconds_per_channel for b in branches)
+    original = {name: [m.clone() for m in ms] for name, ms in masks.items()}
+
+    def apply(channels: list[tuple[float, BranchChannels, int]], k: int, keep: bool) -> float:
+        for name, ms in original.items():
+            for m, o in zip(masks[name], ms):
+                m.copy_(o)
+        for _, b, c in channels[:k]:
+            masks[b.block][b.index][c] = keep
+        return predict(masks)
+
     fit = BudgetFit()
+    after = predict(masks)
     if after < ceiling_s * (1.0 - tolerance):
-        dead = [(value(b, c), b, c) for b in branches
-                for c in torch.nonzero(~masks[b.block][b.index]).flatten().tolist()]
-        for _, b, c in sorted(dead, key=lambda t: -t[0]):
-            if after + b.seconds_per_channel <= ceiling_s:
-                masks[b.block][b.index][c] = True
-                after += b.seconds_per_channel
-                fit.revived += 1
+        dead = sorted(((value(b, c), b, c) for b in branches
+                       for c in torch.nonzero(~masks[b.block][b.index]).flatten().tolist()), key=lambda t: -t[0])
+        # the longest prefix of revivals that stays under the ceiling
+        over = _shortest_prefix(len(dead), lambda k: apply(dead, k, True) > ceiling_s)
+        fit.revived = over if over == len(dead) and apply(dead, over, True) <= ceiling_s else max(0, over - 1)
+        after = apply(dead, fit.revived, True)
     elif after > ceiling_s and force:
-        live = [(value(b, c), b, c) for b in branches
-                for c in torch.nonzero(masks[b.block][b.index]).flatten().tolist()]
-        # The per-channel costs are a linear model: near the floor most of the latency is fixed costs it
-        # does not see, and chasing the ceiling could strip the network bare. Take at most half of what is
-        # alive per shrink; the measurement after it re-calibrates the next one.
-        budget_channels = len(live) // 2
-        for _, b, c in sorted(live, key=lambda t: t[0]):
-            if after <= ceiling_s or fit.removed >= budget_channels:
-                break
-            masks[b.block][b.index][c] = False
-            after -= b.seconds_per_channel
-            fit.removed += 1
+        live = sorted(((value(b, c), b, c) for b in branches
+                       for c in torch.nonzero(masks[b.block][b.index]).flatten().tolist()), key=lambda t: t[0])
+        # The latency model is least accurate near the floor, where most of the time is fixed costs: chasing
+        # the ceiling there could strip the network bare. Take at most half of what is alive per shrink; the
+        # measurement after it re-calibrates the next one.
+        cap = len(live) // 2
+        fit.removed = min(cap, _shortest_prefix(len(live), lambda k: apply(live, k, False) <= ceiling_s))
+        after = apply(live, fit.removed, False)
     fit.latency_s_after = after
     return fit
 
@@ -162,7 +196,12 @@ class BudgetSteer:
     Latencies come in two units: *measured* (end to end on the target device, what the user asked for) and
     *predicted* (the latency model's sum, what masks and the plan are computed in). The target is mapped into
     predicted units with the latest measured/predicted ratio, re-read after every shrink, so a latency model
-    that is off by a constant factor still lands the measured latency on the target.
+    that is off by a constant factor still lands the measured latency on the target. The ratio errs on the safe
+    side: the model misses a roughly fixed per-network cost, so measured ~ a + b * predicted with a > 0 and the
+    ratio a / predicted + b is larger than the slope b; a shrink sized with it falls a little short of the
+    target and the next one closes the rest, instead of overshooting into a network that cannot be grown back.
+    Shrinks aim at the middle of the accepted band (``target * (1 - tolerance / 2)``) so timing noise on
+    either side still lands inside it.
     """
 
     def __init__(self, prune: "PruneConfig", epochs: int, supernet_measured_s: float, supernet_predicted_s: float,
@@ -203,19 +242,20 @@ class BudgetSteer:
         dt, self.last_epoch = max(0.0, epoch - self.last_epoch), epoch
         return self.controller.update(self.plan.planned_s(epoch), pruned_s, self.plan.total_s, dt)
 
-    def fit(self, masks: dict[str, list[torch.Tensor]], branches: list[BranchChannels], current_predicted_s: float,
-            epoch: float, last_epoch: bool) -> BudgetFit:
+    def fit(self, masks: Masks, branches: list[BranchChannels], current_predicted_s: float,
+            epoch: float, last_epoch: bool, predict: Callable[[Masks], float] | None = None) -> BudgetFit:
         """Fit a shrink's masks: never far below the target; at or under where the plan is by ``epoch``.
 
         The L1 term alone cannot be trusted to keep pace (plain SGD makes scales hover around zero rather
         than under the threshold), so each shrink also takes the lowest |gamma|-per-second channels the plan
         calls for by now: the schedule is followed at every shrink, and the last one meets the target.
         """
-        target = self.target_predicted_s()  # in today's units: the ratio is re-read after every shrink
+        # in today's units (the ratio is re-read after every shrink), aiming inside the band
+        target = self.target_predicted_s() * (1.0 - self.tolerance / 2)
         planned_share = 1.0 if last_epoch or self.plan.total_s <= 0 else self.plan.planned_s(epoch) / self.plan.total_s
         ceiling = self.supernet_predicted_s - planned_share * (self.supernet_predicted_s - target)
         return fit_masks_to_budget(masks, branches, current_predicted_s, target, self.tolerance, force=True,
-                                   ceiling_s=ceiling)
+                                   ceiling_s=ceiling, predict=predict)
 
     def observe(self, predicted_s: float, measured_s: float) -> None:
         """After a shrink: re-calibrate the units; the budget is met once the measured latency is."""
@@ -234,7 +274,7 @@ class BudgetSteer:
         self.last_epoch = float(state["last_epoch"])
 
 
-def full_masks(model, masks: dict[str, list[torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
+def full_masks(model, masks: Masks) -> Masks:
     """``masks`` with an all-kept mask list for every block that has none (fitting may edit any block)."""
     return {name: [m.clone() for m in masks[name]] if name in masks else
             [torch.ones(b.hidden, dtype=torch.bool) for b in block.branches] for name, block in model.named_blocks()}

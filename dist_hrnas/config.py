@@ -231,6 +231,8 @@ class LatencyConfig:
     threads: int = _f(1, "CPU threads while timing (fixed so numbers are comparable).")
     warmup: int = _f(5, "Untimed runs before timing each op.")
     repeats: int = _f(15, "Timed runs per op; the median is used.")
+    network_repeats: int = _f(45, "Timed runs of the whole network (the supernet, after every shrink); the median "
+                                  "is used. More than per op: one such figure decides whether a budget is met.")
     cost: str = _f("average", "Per-channel cost of a branch: average = seconds / width at the supernet (the "
                               "seed's rule); marginal = slope of its latency-vs-width curve at the current width "
                               "(follows the hardware's staircase, refreshed after every shrink).")
@@ -250,6 +252,7 @@ class LatencyConfig:
         _positive("latency", "batch_size", self.batch_size)
         _positive("latency", "threads", self.threads)
         _positive("latency", "repeats", self.repeats)
+        _positive("latency", "network_repeats", self.network_repeats)
         _choice("latency", "cost", self.cost, ("average", "marginal"))
         _choice("latency", "backend", self.backend, ("torch", "onnxruntime"))
         _positive("latency", "width_step", self.width_step)

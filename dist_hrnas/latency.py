@@ -70,7 +70,8 @@ class Timer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def __call__(self, fn: Callable[[], object]) -> Timing:
+    def __call__(self, fn: Callable[[], object], repeats: int | None = None) -> Timing:
+        """Time ``fn``; ``repeats`` overrides the timer's count for this call."""
         self.calls += 1
         what = getattr(fn, "what", "")
         self.counts[what] = self.counts.get(what, 0) + 1
@@ -78,7 +79,7 @@ class Timer:
             fn()
         self._sync()
         samples = []
-        for _ in range(self.repeats):
+        for _ in range(repeats or self.repeats):
             start = self.clock()
             fn()
             self._sync()
@@ -277,7 +278,7 @@ def measure_network(model: HRNet, image_size: int, cfg: LatencyConfig, timer: Ti
     net = copy.deepcopy(model)
     x = torch.randn(cfg.batch_size, model.spec.image_channels, image_size, image_size, device=timer.device)
     with cpu_threads(cfg.threads):
-        return timer(Timed(runner(net, x, cfg, timer.device), "network")).median_s
+        return timer(Timed(runner(net, x, cfg, timer.device), "network"), repeats=cfg.network_repeats).median_s
 
 
 def branch_widths(model: HRNet) -> dict[str, int]:

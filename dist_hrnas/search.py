@@ -166,6 +166,10 @@ def smallest_predicted_s(profile: LatencyProfile, model: HRNet, registry: PruneR
     return predict_after_masks(profile, model, masks)
 
 
+# At the last epoch a budget search shrinks again while the measured latency is above the target. Each
+# corrective shrink is sized on the safe side (see BudgetSteer), so it may take a few.
+LAST_EPOCH_ATTEMPTS = 5
+
 SCHEDULE_LAYOUT = {"schedule": {
     "pruned seconds: planned vs actual": ("Multiline", ["schedule/seconds_pruned_planned",
                                                         "schedule/seconds_pruned_actual"]),
@@ -281,8 +285,8 @@ class Search:
 
         ``rebuild(result, old_params)`` rebuilds the optimizer (carrying sliced state), scheduler and
         wrapper around the shrunk model: the training loop owns those. With a budget, masks are fitted to the
-        target first, nothing shrinks once it is met, and at the last epoch up to two corrective shrinks
-        follow if the measured latency is still above it.
+        target first, nothing shrinks once it is met, and at the last epoch corrective shrinks follow (at most
+        ``LAST_EPOCH_ATTEMPTS`` in all) while the measured latency is still above it.
         """
         if not self.enabled or (self.budget is not None and self.budget.done):
             return False
@@ -291,11 +295,11 @@ class Search:
         distributed.sync_bn_buffers_(model)
         masks = self.registry.masks(model, ema_model, ema_only=last_epoch and ema_model is not None)
         shrunk = False
-        for attempt in range(3 if self.budget is not None and last_epoch else 1):
+        for attempt in range(LAST_EPOCH_ATTEMPTS if self.budget is not None and last_epoch else 1):
             if self.budget is not None:
                 masks = full_masks(model, masks)
                 self.budget.fit(masks, branch_channels(model, self.pairs), self.predicted_now_s, epoch + 1.0,
-                                last_epoch)
+                                last_epoch, predict=lambda m: predict_after_masks(self.profile, model, m))
             masks = broadcast_masks(model, masks)  # rank 0's decision everywhere (drops all-kept blocks)
             if keep_branches_that_would_slow_down(self.profile, model, masks):
                 writer.scalar("prune/shrink_refused", 1, step)

@@ -99,7 +99,7 @@ def staircase(width: int) -> float:
 class StaircaseTimer(Timer):
     """Ops take staircase(width) seconds: what a device running channels in groups of 8 looks like."""
 
-    def __call__(self, fn) -> Timing:
+    def __call__(self, fn, repeats=None) -> Timing:
         self.calls += 1
         self.counts[fn.what] = self.counts.get(fn.what, 0) + 1
         return Timing(staircase(fn.width) if fn.what == "op" else 1e-3, 0.0)
@@ -171,7 +171,7 @@ def test_profile_cli_writes_a_lut_that_training_uses_without_timing_ops(tmp_path
     assert len(read_lut_file(lut)["tables"]) == 1
     timed: list[str] = []
     real_call = Timer.__call__
-    monkeypatch.setattr(Timer, "__call__", lambda self, fn: (timed.append(fn.what), real_call(self, fn))[1])
+    monkeypatch.setattr(Timer, "__call__", lambda self, fn, **kw: (timed.append(fn.what), real_call(self, fn, **kw))[1])
     run_dir = tmp_path / "run"
     assert train.main([*args, f"latency.lut={lut}", f"log.run_dir={run_dir}"]) == 0
     assert set(timed) == {"network"} and len(timed) >= 2  # start + each shrink; no op, fixed part or join
