@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 SCHEDULES = ("linear", "cosine", "exp")
 _EXP_RATE = 3.0  # exp schedule: 95% of the budget pruned by the end, front-loaded
+AIM_SHARE_OF_TOLERANCE = 0.3  # shrinks aim this far into the band under the target (see BudgetSteer)
 
 
 def schedule_fraction(shape: str, x: float) -> float:
@@ -195,13 +196,14 @@ class BudgetSteer:
 
     Latencies come in two units: *measured* (end to end on the target device, what the user asked for) and
     *predicted* (the latency model's sum, what masks and the plan are computed in). The target is mapped into
-    predicted units with the latest measured/predicted ratio, re-read after every shrink, so a latency model
-    that is off by a constant factor still lands the measured latency on the target. The ratio errs on the safe
-    side: the model misses a roughly fixed per-network cost, so measured ~ a + b * predicted with a > 0 and the
-    ratio a / predicted + b is larger than the slope b; a shrink sized with it falls a little short of the
-    target and the next one closes the rest, instead of overshooting into a network that cannot be grown back.
-    Shrinks aim at the middle of the accepted band (``target * (1 - tolerance / 2)``) so timing noise on
-    either side still lands inside it.
+    predicted units from the latest measurement, re-read after every shrink: to go from the measured latency now
+    to the target, remove ``(measured - target) / slope`` predicted seconds. The slope is the measured/predicted
+    ratio, or the slope between the last two shrinks when that is steeper (capped at twice the ratio): the
+    model misses costs that do not shrink with the channels, so the true slope is usually below the ratio,
+    but not always. A steeper slope removes less, and that is the safe side: a shrink that falls short is
+    followed by another, one that overshoots cannot be undone. For the same reason shrinks aim high in the
+    accepted band, at ``target * (1 - 0.3 * tolerance)``: timing noise still lands inside it, and when it
+    lands above the target the next shrink takes the rest.
     """
 
     def __init__(self, prune: "PruneConfig", epochs: int, supernet_measured_s: float, supernet_predicted_s: float,
@@ -220,7 +222,7 @@ class BudgetSteer:
                             f"target or use a smaller supernet")
         self.target_s = target_s
         self.tolerance = prune.budget_tolerance
-        self.measured_over_predicted = supernet_measured_s / supernet_predicted_s
+        self.points = [(supernet_predicted_s, supernet_measured_s)]  # (predicted, measured) at every shrink
         self.supernet_predicted_s = supernet_predicted_s
         epoch_target = prune.epoch_target if prune.epoch_target > 0 else 0.75 * epochs
         self.plan = PrunedSecondsPlan(supernet_predicted_s - self.target_predicted_s(), prune.epoch_free,
@@ -232,8 +234,27 @@ class BudgetSteer:
     def done(self) -> bool:
         return self.controller.done
 
+    @property
+    def measured_over_predicted(self) -> float:
+        predicted, measured = self.points[-1]
+        return measured / predicted
+
+    def slope(self) -> float:
+        """Measured seconds gained per predicted second removed, near where the network is now."""
+        ratio = self.measured_over_predicted
+        if len(self.points) < 2:
+            return ratio
+        (p0, m0), (p1, m1) = self.points[-2:]
+        secant = (m0 - m1) / (p0 - p1) if p0 > p1 else ratio
+        return min(2.0 * ratio, max(ratio, secant))
+
+    def predicted_for(self, measured_s: float) -> float:
+        """Predicted seconds at which the network should measure ``measured_s`` (today's calibration)."""
+        predicted, measured = self.points[-1]
+        return predicted - (measured - measured_s) / self.slope()
+
     def target_predicted_s(self) -> float:
-        return self.target_s / self.measured_over_predicted
+        return self.predicted_for(self.target_s)
 
     def rho(self, epoch: float, pruned_s: float) -> float:
         """rho for this step: 0 before ``epoch_free`` and once the budget is met, else the controller's."""
@@ -250,8 +271,7 @@ class BudgetSteer:
         than under the threshold), so each shrink also takes the lowest |gamma|-per-second channels the plan
         calls for by now: the schedule is followed at every shrink, and the last one meets the target.
         """
-        # in today's units (the ratio is re-read after every shrink), aiming inside the band
-        target = self.target_predicted_s() * (1.0 - self.tolerance / 2)
+        target = self.predicted_for(self.target_s * (1.0 - AIM_SHARE_OF_TOLERANCE * self.tolerance))
         planned_share = 1.0 if last_epoch or self.plan.total_s <= 0 else self.plan.planned_s(epoch) / self.plan.total_s
         ceiling = self.supernet_predicted_s - planned_share * (self.supernet_predicted_s - target)
         return fit_masks_to_budget(masks, branches, current_predicted_s, target, self.tolerance, force=True,
@@ -260,17 +280,20 @@ class BudgetSteer:
     def observe(self, predicted_s: float, measured_s: float) -> None:
         """After a shrink: re-calibrate the units; the budget is met once the measured latency is."""
         if predicted_s > 0:
-            self.measured_over_predicted = measured_s / predicted_s
+            self.points.append((predicted_s, measured_s))
         if measured_s <= self.target_s:
             self.controller.finish()
 
     def state_dict(self) -> dict:
-        return {"controller": self.controller.state_dict(), "measured_over_predicted": self.measured_over_predicted,
+        return {"controller": self.controller.state_dict(), "points": [list(p) for p in self.points],
                 "last_epoch": self.last_epoch}
 
     def load_state_dict(self, state: dict) -> None:
         self.controller.load_state_dict(state["controller"])
-        self.measured_over_predicted = float(state["measured_over_predicted"])
+        if "points" in state:
+            self.points = [(float(p), float(m)) for p, m in state["points"]]
+        else:  # a checkpoint from before the calibration kept its points: keep the ratio it had
+            self.points = [(self.supernet_predicted_s, self.supernet_predicted_s * float(state["measured_over_predicted"]))]
         self.last_epoch = float(state["last_epoch"])
 
 
