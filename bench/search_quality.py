@@ -51,7 +51,7 @@ def run_search(mode: str, rho: float, batch: int, epochs: int, run_dir: Path) ->
 
 def measure_interleaved(arch_files: list[Path], batch: int, rounds: int) -> list[float]:
     """Median end-to-end ms of each network; every round times every network once, in turn."""
-    cfg = LatencyConfig(device="cpu", batch_size=batch, threads=1, warmup=3, repeats=10)
+    cfg = LatencyConfig(device="cpu", batch_size=batch, threads=1, warmup=3, repeats=10, network_repeats=10)
     timer = Timer(torch.device("cpu"), cfg.warmup, cfg.repeats)
     nets = [model_from_arch(load_arch_file(path), source=str(path)) for path in arch_files]
     samples: list[list[float]] = [[] for _ in nets]

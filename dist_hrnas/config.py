@@ -231,8 +231,9 @@ class LatencyConfig:
     threads: int = _f(1, "CPU threads while timing (fixed so numbers are comparable).")
     warmup: int = _f(5, "Untimed runs before timing each op.")
     repeats: int = _f(15, "Timed runs per op; the median is used.")
-    network_repeats: int = _f(45, "Timed runs of the whole network (the supernet, after every shrink); the median "
-                                  "is used. More than per op: one such figure decides whether a budget is met.")
+    network_repeats: int = _f(15, "Timed runs of the whole network (the supernet, after every shrink) per round; "
+                                  "the figure is the fastest of 3 rounds' medians (it decides whether a budget "
+                                  "is met, and interference only ever slows a round down).")
     cost: str = _f("average", "Per-channel cost of a branch: average = seconds / width at the supernet (the "
                               "seed's rule); marginal = slope of its latency-vs-width curve at the current width "
                               "(follows the hardware's staircase, refreshed after every shrink).")
