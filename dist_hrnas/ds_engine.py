@@ -4,8 +4,8 @@ Like DDP, the engine is rebuilt after every shrink around the shrunk module and 
 may already hold (sliced) state. At stage 0 DeepSpeed steps that torch optimizer directly. At stage 1/2 ZeRO
 re-points the torch optimizer at flat fp32 partitions and ignores state keyed by the module parameters, so
 the state is snapshotted before ``deepspeed.initialize`` and written back afterwards: one zero-gradient step
-at lr = weight_decay = 0 makes ZeRO create its partitioned state (parameters stay bit-identical), then every
-parameter's full state is scattered into it with ``safe_set_full_optimizer_state``. ZeRO keeps one scalar
+of the flat partitions at lr = weight_decay = 0 creates the partitioned state (parameters stay bit-identical),
+then every parameter's full state is scattered into it with ``safe_set_full_optimizer_state``. ZeRO keeps one scalar
 (Adam's ``step``) per flat partition, i.e. per param group, restored from the carried parameters.
 
 Gradient accumulation: the training loop calls ``backward`` once per micro-batch and ``step`` once. With
@@ -170,21 +170,25 @@ class DeepSpeedEngine(LocalEngine):
                     p._hp_mapping.set_optim_state_fragment(flat, state)
         return flat_states
 
+    @torch.no_grad()
     def _prime(self) -> None:
-        """One step on zero gradients at lr = weight_decay = 0: ZeRO creates its state, weights don't move."""
-        groups = self.optimizer.param_groups
+        """Step the flat partitions once on zero gradients at lr = weight_decay = 0: the torch optimizer
+        creates its state for them (ZeRO's own step would do the same after a backward, a gradient reduce and
+        1,500 per-parameter hooks on the ImageNet supernet); no weight moves and no DeepSpeed counter changes."""
+        groups = self.optimizer.param_groups                   # ZeRO re-pointed them at the flat partitions
         saved = [(g["lr"], g.get("weight_decay")) for g in groups]
+        flats = [flat for g in groups for flat in g["params"]]
         for g in groups:
             g["lr"] = 0.0
             if "weight_decay" in g:
                 g["weight_decay"] = 0.0
         try:
-            for _ in range(self._micro_steps_per_update):
-                with torch.enable_grad():
-                    zero = torch.stack([(p * 0).sum() for group in self._groups for p in group]).sum()
-                    self.engine.backward(zero, scale_wrt_gas=False)
-                self.engine.step()
+            for flat in flats:
+                flat.grad = torch.zeros_like(flat)
+            self.optimizer.step()
         finally:
+            for flat in flats:
+                flat.grad = None
             for g, (lr, wd) in zip(groups, saved):
                 g["lr"] = lr
                 if wd is not None:
