@@ -245,6 +245,10 @@ class LatencyConfig:
                                "ONNX; CPU provider, CUDA provider on cuda devices). Needs the onnx extra.")
     lut_strict: bool = _f(False, "A latency.lut built for another device fingerprint: false = warn and measure "
                                  "this device (adding its entries), true = stop with an error.")
+    lut_device: str = _f("", "The target is another machine: use latency.lut's table measured there (its "
+                             "device_name, as the profile CLI prints it; auto = the file's only table for these "
+                             "settings) and time nothing here. End-to-end figures are then the LUT's supernet "
+                             "measurement scaled by the latency model. Empty = measure on this machine.")
 
     def __post_init__(self) -> None:
         if not (self.device == "cpu" or self.device == "cuda" or
@@ -259,6 +263,9 @@ class LatencyConfig:
         _positive("latency", "width_step", self.width_step)
         if self.max_samples < 2:
             raise ConfigError(f"latency.max_samples: must be >= 2, got {self.max_samples}")
+        if self.lut_device and not self.lut:
+            raise ConfigError("latency.lut_device: needs latency.lut, the LUT file built on that device with "
+                              "python -m dist_hrnas.profile")
 
 
 @dataclass

@@ -87,8 +87,25 @@ class Timer:
         return Timing(statistics.median(samples), max(samples) - min(samples))
 
 
+class NoTiming(Timer):
+    """The timer of a run whose target is another machine (``latency.lut_device``): every figure must come from
+    the LUT, so being asked to time something means the LUT lacks it."""
+
+    def __init__(self, cfg: LatencyConfig):
+        super().__init__(target_device(cfg), 0, 1)
+        self.cfg = cfg
+
+    def __call__(self, fn: Callable[[], object], repeats: int | None = None) -> Timing:
+        what = {"op": "a kernel branch", "fixed": "the fixed part", "join": "a block join",
+                "network": "the whole network"}.get(getattr(fn, "what", ""), "an op")
+        raise UserError(f"latency.lut_device={self.cfg.lut_device}: latency LUT {self.cfg.lut} has no timing of "
+                        f"{what} of this network; run python -m dist_hrnas.profile with this config on that device "
+                        f"(same latency.* settings) to complete it")
+
+
 def make_timer(cfg: LatencyConfig) -> Timer:
-    return Timer(target_device(cfg), cfg.warmup, cfg.repeats)
+    """The timer for ``latency.device``, or one that refuses to time when the target is another machine."""
+    return NoTiming(cfg) if cfg.lut_device else Timer(target_device(cfg), cfg.warmup, cfg.repeats)
 
 
 @torch.no_grad()
@@ -292,6 +309,12 @@ def branch_widths(model: HRNet) -> dict[str, int]:
     return {branch_key(name, b.kernel): b.hidden for name, block in model.named_blocks() for b in block.branches}
 
 
+def network_key(model: HRNet, image_size: int) -> str:
+    """LUT signature of one whole network (its exact architecture and resolution)."""
+    arch = json.dumps({"arch": export_arch(model), "image_size": image_size}, sort_keys=True)
+    return "network_" + hashlib.sha256(arch.encode()).hexdigest()[:16]
+
+
 def lut_profile(model: HRNet, image_size: int, cfg: LatencyConfig, timer: Timer,
                 progress: bool = False) -> tuple[dict[str, Curve], float, dict[str, list[float]]]:
     """Branch curves, fixed part and block joins from ``latency.lut``, timing (and adding) only what it lacks."""
@@ -303,10 +326,23 @@ def lut_profile(model: HRNet, image_size: int, cfg: LatencyConfig, timer: Timer,
     return curves, fixed_s, joins
 
 
+def network_on_target(model: HRNet, image_size: int, cfg: LatencyConfig, timer: Timer) -> float:
+    """The whole network's seconds on the target: timed here (and kept in ``latency.lut``, so that runs for this
+    machine from elsewhere have it), or with ``latency.lut_device`` read from the LUT."""
+    table = LatencyTable.open(cfg, timer.device)
+    key = network_key(model, image_size)
+    if cfg.lut_device and table.get(key) is not None:
+        return table.get(key)["median_s"]
+    network_s = measure_network(model, image_size, cfg, timer)  # NoTiming explains what the LUT lacks
+    table.put(key, network_s, 0.0)
+    table.save()
+    return network_s
+
+
 def profile_on_rank0(model: HRNet, image_size: int, cfg: LatencyConfig, timer: Timer | None = None,
                      progress: bool = False) -> LatencyProfile:
     """Rank 0 measures (or reads from ``latency.lut``) the branch curves and the network; every rank returns the
-    same profile.
+    same profile. With ``latency.lut_device`` every figure comes from the LUT and ``timer`` is not used.
 
     Only rank 0 touches the LUT file and the device; the other ranks wait in the broadcast, so they neither
     disturb the timing nor race on the file. A user error on rank 0 (corrupt LUT, strict fingerprint mismatch)
@@ -320,9 +356,9 @@ def profile_on_rank0(model: HRNet, image_size: int, cfg: LatencyConfig, timer: T
     error = None
     if not distributed.is_initialized() or distributed.rank() == 0:
         try:
-            timer = timer or make_timer(cfg)
+            timer = make_timer(cfg) if cfg.lut_device or timer is None else timer
             curves, fixed_s, joins = lut_profile(model, image_size, cfg, timer, progress)
-            network_s = measure_network(model, image_size, cfg, timer)  # reality, to check the prediction
+            network_s = network_on_target(model, image_size, cfg, timer)  # reality, to check the prediction
             branch_s = {k: curve_value(curves[k], widths[k]) for k in keys}
             packed = LatencyProfile(network_s, branch_s, widths, curves, cfg.cost, fixed_s, joins).to_tensor(keys)
         except UserError as err:

@@ -25,6 +25,7 @@ from dist_hrnas.errors import UserError
 from dist_hrnas.fileio import atomic_write_json
 
 FORMAT = 1
+MACHINE_KEYS = ("device_name", "torch", "onnxruntime")  # the machine and its software, not the latency settings
 
 
 class LutMismatchWarning(UserWarning):
@@ -102,6 +103,8 @@ class LatencyTable:
             return cls(fp)
         path = Path(cfg.lut)
         data = read_lut_file(path)
+        if cfg.lut_device:
+            return cls.remote(cfg, fp, path, data)
         table = data["tables"].get(fingerprint_id(fp))
         if table is not None:
             return cls(fp, path, table["ops"])
@@ -116,6 +119,24 @@ class LatencyTable:
             warnings.warn(f"latency LUT {path} has no entries for this device ({what}); re-measuring and adding "
                           f"them (latency.lut_strict=true makes this an error)", LutMismatchWarning, stacklevel=2)
         return cls(fp, path)
+
+    @classmethod
+    def remote(cls, cfg: LatencyConfig, fp: dict, path: Path, data: dict) -> "LatencyTable":
+        """The table ``latency.lut_device`` names: same latency settings, measured on another machine."""
+        # what the op timings depend on besides the machine (its name and software are the machine's own)
+        settings = {k: v for k, v in fp.items() if k not in MACHINE_KEYS}
+        tables = [t for t in data["tables"].values()
+                  if {k: v for k, v in t["fingerprint"].items() if k not in MACHINE_KEYS} == settings]
+        names = sorted({t["fingerprint"].get("device_name", "?") for t in tables})
+        wanted = [t for t in tables if cfg.lut_device in ("auto", t["fingerprint"].get("device_name"))]
+        settings_text = ", ".join(f"{k}={v}" for k, v in settings.items())
+        if not wanted or (cfg.lut_device == "auto" and len(wanted) > 1):
+            found = f"it has tables for {names}" if names else "it has none for these settings"
+            raise UserError(f"latency.lut_device={cfg.lut_device}: latency LUT {path} has no single table for that "
+                            f"device at {settings_text} ({found}); set latency.lut_device to one of them, or build "
+                            f"one on the device with python -m dist_hrnas.profile and the same latency.* settings")
+        table = wanted[0]
+        return cls(table["fingerprint"], path, table["ops"])
 
     def get(self, sig: str) -> dict | None:
         return self.ops.get(sig)

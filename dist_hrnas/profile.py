@@ -1,8 +1,10 @@
 """``python -m dist_hrnas.profile --config FILE --device cpu|cuda[:N] [--backend torch|onnxruntime] --out lut.json
 [section.key=value ...]``: build the latency LUT for a config's supernet on this machine.
 
-Run it on the deployment device; then train anywhere with ``latency.lut=lut.json`` (and the same
-``latency.device``/``backend``/``threads``/``batch_size``): the training run reads every op from the LUT.
+Run it on the deployment device; then train on the cluster with ``latency.lut=lut.json latency.lut_device=auto``
+(and the same ``latency.device``/``backend``/``threads``/``batch_size``): the training run reads every op and the
+supernet's end-to-end figure from the LUT and times nothing. On a machine with the same fingerprint,
+``latency.lut=lut.json`` alone reuses the ops and still measures the network end to end.
 Prints one JSON line: how many ops were measured and reused, the predicted and measured supernet latency.
 """
 from __future__ import annotations

@@ -338,6 +338,8 @@ def run(cfg: Config, ctx: distributed.DistContext) -> dict:
         summary |= {"penalty": cfg.prune.penalty, "shrinks": len(search.shrinks),
                     "latency_ms_supernet": round(search.latency_ms_supernet, 4),
                     "latency_ms_searched": round(search.latency_ms_measured, 4),
+                    # where the latency figures come from: timed on this machine, or another machine's LUT
+                    "latency_source": f"lut:{cfg.latency.lut_device}" if cfg.latency.lut_device else "measured",
                     "latency_ms_searched_predicted": round(search.predicted_ms(model), 4),
                     "params_searched": count_params(model),
                     "macs_searched": sum(count_macs(model, data.channels, data.image_size).values()),

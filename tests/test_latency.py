@@ -5,6 +5,7 @@ import contextlib
 import io
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import torch
 from dist_hrnas import profile as profile_cli
 from dist_hrnas import train
 from dist_hrnas.config import PruneConfig, load_config
-from dist_hrnas.errors import UserError
+from dist_hrnas.errors import ConfigError, UserError
 from dist_hrnas.latency import NETWORK_ROUNDS, Timer, Timing, branch_key, plan_branches, profile_on_rank0
 from dist_hrnas.lut import LutMismatchWarning, read_lut_file
 from dist_hrnas.metrics import read_scalars
@@ -195,3 +196,55 @@ def test_onnxruntime_backend_builds_a_lut_for_a_small_config(tmp_path, capsys):
     assert table["fingerprint"]["backend"] == "onnxruntime" and "onnxruntime" in table["fingerprint"]
     assert len(table["ops"]) > printed["ops_timed"] > 0 and all(v["median_s"] > 0 for v in table["ops"].values())
     assert printed["latency_ms_measured"] > 0
+
+
+def _lut_from_another_machine(tmp_path, args: list[str]) -> Path:
+    """A LUT built by the profile CLI, relabelled as built on a board this test does not run on."""
+    lut = tmp_path / "board.json"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert profile_cli.main([*args, "--device", "cpu", "--out", str(lut), "--no-progress"]) == 0
+    data = read_lut_file(lut)
+    (fid, table), = data["tables"].items()
+    table["fingerprint"] |= {"device_name": "Edge Board X1", "torch": "0.0.0"}
+    lut.write_text(json.dumps({"format": data["format"], "tables": {"another": table}}))
+    return lut
+
+
+def test_training_for_another_machine_times_nothing_here(tmp_path, monkeypatch):
+    args = ["--config", str(CONFIGS / "digits.yaml"), *SEARCH, "train.epochs=1"]
+    lut = _lut_from_another_machine(tmp_path, args)
+    timed: list[str] = []
+    real_call = Timer.__call__
+    monkeypatch.setattr(Timer, "__call__", lambda self, fn, **kw: (timed.append(fn.what), real_call(self, fn, **kw))[1])
+    run_dir = tmp_path / "run"
+    assert train.main([*args, f"latency.lut={lut}", "latency.lut_device=Edge Board X1", f"log.run_dir={run_dir}"]) == 0
+    assert timed == []  # not an op, not the network: the target is not this machine
+    summary = json.loads((run_dir / "summary.json").read_text())
+    (table,) = read_lut_file(lut)["tables"].values()
+    (network_s,) = [v["median_s"] for k, v in table["ops"].items() if k.startswith("network_")]
+    assert summary["latency_source"] == "lut:Edge Board X1"
+    assert summary["latency_ms_supernet"] == pytest.approx(network_s * 1e3, rel=1e-4)  # the board's figure
+    assert summary["shrinks"] >= 1 and summary["latency_ms_searched"] < summary["latency_ms_supernet"]
+    # the file is unchanged: nothing was measured, so nothing was added
+    assert list(read_lut_file(lut)["tables"]) == ["another"] and read_lut_file(lut)["tables"]["another"] == table
+
+
+@pytest.mark.parametrize("device, extra, needle", [
+    ("Other Board", [], "has no single table for that device"),
+    ("auto", ["latency.batch_size=3"], "has no single table for that device at"),
+    ("Edge Board X1", ["model.input_channel=[8,16]"], "has no timing of"),
+])
+def test_a_lut_that_cannot_serve_another_machine_is_one_clear_error(tmp_path, capsys, device, extra, needle):
+    args = ["--config", str(CONFIGS / "digits.yaml"), *SEARCH, "train.epochs=1"]
+    lut = _lut_from_another_machine(tmp_path, args)
+    with pytest.raises(SystemExit) as exc:
+        train.main([*args, *extra, f"latency.lut={lut}", f"latency.lut_device={device}",
+                    f"log.run_dir={tmp_path / 'run'}"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0] and "latency.lut_device" in err[0] and "dist_hrnas.profile" in err[0]
+
+
+def test_lut_device_needs_a_lut():
+    with pytest.raises(ConfigError, match="latency.lut_device: needs latency.lut"):
+        small_cfg("latency.lut_device=auto")
