@@ -7,8 +7,10 @@ curve, :mod:`dist_hrnas.latency_curve`); timings are cached per device in the LU
 from __future__ import annotations
 
 import copy
+import ctypes
 import hashlib
 import json
+import platform
 import statistics
 import time
 from contextlib import contextmanager
@@ -57,12 +59,39 @@ class Timing:
     spread_s: float  # (max - min) of the timed runs
 
 
+def steady_cpu_allocator() -> bool:
+    """Fix glibc malloc's mmap and trim thresholds for this process (once); returns whether they are fixed.
+
+    By default glibc serves big blocks (activations of a batch) with fresh mmap()s until a large free raises
+    its threshold, so the same forward pass ran up to 1.7x slower early in a process (page faults on every
+    call) than after a training step: timings depended on what the process had done before, not on the
+    network. With fixed thresholds blocks up to 32 MiB come from the heap and freed memory stays there.
+    """
+    global _ALLOCATOR_FIXED
+    if _ALLOCATOR_FIXED is None:
+        _ALLOCATOR_FIXED = False
+        if platform.system() == "Linux":
+            try:
+                libc = ctypes.CDLL("libc.so.6")
+                _ALLOCATOR_FIXED = (libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20) == 1 and
+                                    libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1)
+            except (OSError, AttributeError):  # not glibc (musl, ...): nothing to fix
+                pass
+    return _ALLOCATOR_FIXED
+
+
+_ALLOCATOR_FIXED: bool | None = None
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, <malloc.h>
+
+
 class Timer:
     """Times a callable: ``warmup`` untimed calls, then the median of ``repeats`` timed calls."""
 
     def __init__(self, device: torch.device, warmup: int, repeats: int,
                  clock: Callable[[], float] = time.perf_counter):
         self.device, self.warmup, self.repeats, self.clock = device, warmup, repeats, clock
+        if device.type == "cpu":
+            steady_cpu_allocator()
         self.calls = 0  # how many callables were timed (tests assert who measured)
         self.counts: dict[str, int] = {}  # per kind of callable (op, fixed, network; see Timed)
 

@@ -248,3 +248,14 @@ def test_a_lut_that_cannot_serve_another_machine_is_one_clear_error(tmp_path, ca
 def test_lut_device_needs_a_lut():
     with pytest.raises(ConfigError, match="latency.lut_device: needs latency.lut"):
         small_cfg("latency.lut_device=auto")
+
+
+def test_cpu_timing_fixes_the_allocator_thresholds_on_glibc():
+    import platform
+
+    from dist_hrnas.latency import steady_cpu_allocator
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt thresholds are a glibc feature")
+    Timer(torch.device("cpu"), 0, 1)  # a CPU timer sets them up before timing anything
+    assert steady_cpu_allocator() is True and steady_cpu_allocator() is True  # once, then remembered
