@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 SCHEDULES = ("linear", "cosine", "exp")
 _EXP_RATE = 3.0  # exp schedule: 95% of the budget pruned by the end, front-loaded
 AIM_SHARE_OF_TOLERANCE = 0.3  # shrinks aim this far into the band under the target (see BudgetSteer)
+FINAL_APPROACH_GAIN = 0.5     # within 2 tolerances of the target, a shrink takes this share of the gap
 
 
 def schedule_fraction(shape: str, x: float) -> float:
@@ -202,8 +203,9 @@ class BudgetSteer:
     model misses costs that do not shrink with the channels, so the true slope is usually below the ratio,
     but not always. A steeper slope removes less, and that is the safe side: a shrink that falls short is
     followed by another, one that overshoots cannot be undone. For the same reason shrinks aim high in the
-    accepted band, at ``target * (1 - 0.3 * tolerance)``: timing noise still lands inside it, and when it
-    lands above the target the next shrink takes the rest.
+    accepted band, at ``target * (1 - 0.3 * tolerance)``, and within two tolerances of the target take only
+    half of the estimated gap per shrink: timing noise still lands inside the band, and when a shrink lands
+    above the target the next one takes (half of) the rest.
     """
 
     def __init__(self, prune: "PruneConfig", epochs: int, supernet_measured_s: float, supernet_predicted_s: float,
@@ -272,6 +274,11 @@ class BudgetSteer:
         calls for by now: the schedule is followed at every shrink, and the last one meets the target.
         """
         target = self.predicted_for(self.target_s * (1.0 - AIM_SHARE_OF_TOLERANCE * self.tolerance))
+        now_predicted, now_measured = self.points[-1]
+        if target < now_predicted and now_measured <= self.target_s * (1.0 + 2.0 * self.tolerance):
+            # Close to the target, where one overshoot is final: take half of the estimated gap per shrink
+            # and approach it from above (the local slope was seen to be twice the estimate).
+            target = now_predicted - FINAL_APPROACH_GAIN * (now_predicted - target)
         planned_share = 1.0 if last_epoch or self.plan.total_s <= 0 else self.plan.planned_s(epoch) / self.plan.total_s
         ceiling = self.supernet_predicted_s - planned_share * (self.supernet_predicted_s - target)
         return fit_masks_to_budget(masks, branches, current_predicted_s, target, self.tolerance, force=True,

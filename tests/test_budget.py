@@ -152,6 +152,10 @@ def test_the_last_fit_aims_inside_the_band_under_the_target():
     steer.observe(predicted_s=15.0, measured_s=55.0)
     assert not steer.done and steer.slope() == pytest.approx(55.0 / 15.0)
     assert steer.predicted_for(49.25) == pytest.approx(15.0 - 5.75 / (55.0 / 15.0))
+    # 55 s is within two tolerances of the 50 s target: the fit takes half of that gap, approaching from above
+    close = steer.fit({"a": [torch.ones(100, dtype=torch.bool)]}, branches, 15.0, epoch=8.0, last_epoch=True,
+                      predict=lambda m: 15.0 - 0.02 * float((~m["a"][0]).sum()))
+    assert close.latency_s_after == pytest.approx(15.0 - 0.5 * 5.75 / (55.0 / 15.0), abs=0.02)
     steer.observe(predicted_s=14.0, measured_s=49.0)   # slope 6 between the last two: steeper, capped at 2x ratio
     assert steer.done and steer.slope() == pytest.approx(min(6.0, 2 * 49.0 / 14.0))
 
