@@ -281,7 +281,10 @@ class BudgetSteer:
             target = now_predicted - FINAL_APPROACH_GAIN * (now_predicted - target)
         planned_share = 1.0 if last_epoch or self.plan.total_s <= 0 else self.plan.planned_s(epoch) / self.plan.total_s
         ceiling = self.supernet_predicted_s - planned_share * (self.supernet_predicted_s - target)
-        return fit_masks_to_budget(masks, branches, current_predicted_s, target, self.tolerance, force=True,
+        # Revive dead channels unless they leave the network within 1.5 % under the ceiling: channels the L1
+        # term has already zeroed would otherwise take a shrink anywhere into a 5 % band, on top of the gap.
+        return fit_masks_to_budget(masks, branches, current_predicted_s, target,
+                                   AIM_SHARE_OF_TOLERANCE * self.tolerance, force=True,
                                    ceiling_s=ceiling, predict=predict)
 
     def observe(self, predicted_s: float, measured_s: float) -> None:
