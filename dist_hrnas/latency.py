@@ -1,4 +1,5 @@
-"""Latency on the target device: per kernel branch, end to end, and the per-channel cost the search uses.
+"""Latency on the target device: per kernel branch, end to end, and the per-channel cost the search uses
+(what to time; how to time it is :mod:`dist_hrnas.timing`).
 
 Only global rank 0 measures (so no other rank disturbs the timing); the others wait and receive the figures
 as one broadcast tensor (:func:`profile_on_rank0`). Each branch is timed at several widths (its latency
@@ -7,15 +8,10 @@ curve, :mod:`dist_hrnas.latency_curve`); timings are cached per device in the LU
 from __future__ import annotations
 
 import copy
-import ctypes
 import hashlib
 import json
-import platform
-import statistics
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import nn
@@ -29,112 +25,8 @@ from dist_hrnas.latency_curve import (Curve, LatencyProfile, branch_key, curve_v
 from dist_hrnas.lut import LatencyTable
 from dist_hrnas.models import AtomicBlock, HRNet, export_arch, model_from_arch
 from dist_hrnas.models.blocks import KernelBranch
-
-
-def target_device(cfg: LatencyConfig) -> torch.device:
-    device = torch.device(cfg.device)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"latency.device={cfg.device} but CUDA is not available here: use latency.device=cpu "
-                            f"or profile on the target machine")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"latency.device={cfg.device} but only {torch.cuda.device_count()} GPU(s) are visible")
-    return device
-
-
-@contextmanager
-def cpu_threads(n: int) -> Iterator[None]:
-    """Fix the intra-op thread count while timing, so numbers are comparable run to run."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-@dataclass
-class Timing:
-    median_s: float
-    spread_s: float  # (max - min) of the timed runs
-
-
-def steady_cpu_allocator() -> bool:
-    """Fix glibc malloc's mmap and trim thresholds for this process (once); returns whether they are fixed.
-
-    By default glibc serves big blocks (activations of a batch) with fresh mmap()s until a large free raises
-    its threshold, so the same forward pass ran up to 1.7x slower early in a process (page faults on every
-    call) than after a training step: timings depended on what the process had done before, not on the
-    network. With fixed thresholds blocks up to 32 MiB come from the heap and freed memory stays there.
-    """
-    global _ALLOCATOR_FIXED
-    if _ALLOCATOR_FIXED is None:
-        _ALLOCATOR_FIXED = False
-        if platform.system() == "Linux":
-            try:
-                libc = ctypes.CDLL("libc.so.6")
-                _ALLOCATOR_FIXED = (libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20) == 1 and
-                                    libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1)
-            except (OSError, AttributeError):  # not glibc (musl, ...): nothing to fix
-                pass
-    return _ALLOCATOR_FIXED
-
-
-_ALLOCATOR_FIXED: bool | None = None
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, <malloc.h>
-
-
-class Timer:
-    """Times a callable: ``warmup`` untimed calls, then the median of ``repeats`` timed calls."""
-
-    def __init__(self, device: torch.device, warmup: int, repeats: int,
-                 clock: Callable[[], float] = time.perf_counter):
-        self.device, self.warmup, self.repeats, self.clock = device, warmup, repeats, clock
-        if device.type == "cpu":
-            steady_cpu_allocator()
-        self.calls = 0  # how many callables were timed (tests assert who measured)
-        self.counts: dict[str, int] = {}  # per kind of callable (op, fixed, network; see Timed)
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def __call__(self, fn: Callable[[], object], repeats: int | None = None) -> Timing:
-        """Time ``fn``; ``repeats`` overrides the timer's count for this call."""
-        self.calls += 1
-        what = getattr(fn, "what", "")
-        self.counts[what] = self.counts.get(what, 0) + 1
-        for _ in range(self.warmup):
-            fn()
-        self._sync()
-        samples = []
-        for _ in range(repeats or self.repeats):
-            start = self.clock()
-            fn()
-            self._sync()
-            samples.append(self.clock() - start)
-        return Timing(statistics.median(samples), max(samples) - min(samples))
-
-
-class NoTiming(Timer):
-    """The timer of a run whose target is another machine (``latency.lut_device``): every figure must come from
-    the LUT, so being asked to time something means the LUT lacks it."""
-
-    def __init__(self, cfg: LatencyConfig):
-        super().__init__(target_device(cfg), 0, 1)
-        self.cfg = cfg
-
-    def __call__(self, fn: Callable[[], object], repeats: int | None = None) -> Timing:
-        what = {"op": "a kernel branch", "fixed": "the fixed part", "join": "a block join",
-                "network": "the whole network"}.get(getattr(fn, "what", ""), "an op")
-        raise UserError(f"latency.lut_device={self.cfg.lut_device}: latency LUT {self.cfg.lut} has no timing of "
-                        f"{what} of this network; run python -m dist_hrnas.profile with this config on that device "
-                        f"(same latency.* settings) to complete it")
-
-
-def make_timer(cfg: LatencyConfig) -> Timer:
-    """The timer for ``latency.device``, or one that refuses to time when the target is another machine."""
-    return NoTiming(cfg) if cfg.lut_device else Timer(target_device(cfg), cfg.warmup, cfg.repeats)
+from dist_hrnas.timing import (NoTiming, Timed, Timer, Timing, cpu_threads, make_timer,  # noqa: F401
+                               steady_cpu_allocator, target_device)
 
 
 @torch.no_grad()
@@ -194,16 +86,6 @@ def op_at_width(block: AtomicBlock, kernel: int, width: int) -> KernelBranch:
     """A fresh branch of ``width`` channels with the block's geometry: latency does not depend on weight values."""
     return KernelBranch(block.in_channels, block.out_channels, width, kernel, block.stride, block.expand,
                         block.act, block.bn_kwargs).eval()
-
-
-class Timed:
-    """A callable to time, labelled so tests (and fake timers) can tell ops from whole networks."""
-
-    def __init__(self, fn: Callable[[], object], what: str, width: int = 0):
-        self.fn, self.what, self.width = fn, what, width
-
-    def __call__(self) -> object:
-        return self.fn()
 
 
 def runner(module: nn.Module, x: torch.Tensor, cfg: LatencyConfig, device: torch.device) -> Callable[[], object]:

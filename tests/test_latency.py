@@ -253,7 +253,7 @@ def test_lut_device_needs_a_lut():
 def test_cpu_timing_fixes_the_allocator_thresholds_on_glibc():
     import platform
 
-    from dist_hrnas.latency import steady_cpu_allocator
+    from dist_hrnas.timing import steady_cpu_allocator
 
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         pytest.skip("mallopt thresholds are a glibc feature")
