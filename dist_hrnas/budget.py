@@ -175,9 +175,8 @@ def fit_masks_to_budget(masks: Masks, branches: list[BranchChannels], current_s:
     if after < ceiling_s * (1.0 - tolerance):
         dead = sorted(((value(b, c), b, c) for b in branches
                        for c in torch.nonzero(~masks[b.block][b.index]).flatten().tolist()), key=lambda t: -t[0])
-        # the longest prefix of revivals that stays under the ceiling
-        over = _shortest_prefix(len(dead), lambda k: apply(dead, k, True) > ceiling_s)
-        fit.revived = over if over == len(dead) and apply(dead, over, True) <= ceiling_s else max(0, over - 1)
+        # the longest prefix of revivals that stays under the ceiling: the first k after which one more overflows
+        fit.revived = _shortest_prefix(len(dead), lambda k: apply(dead, k + 1, True) > ceiling_s)
         after = apply(dead, fit.revived, True)
     elif after > ceiling_s and force:
         live = sorted(((value(b, c), b, c) for b in branches
