@@ -226,10 +226,11 @@ def network_key(model: HRNet, image_size: int) -> str:
     return "network_" + hashlib.sha256(arch.encode()).hexdigest()[:16]
 
 
-def lut_profile(model: HRNet, image_size: int, cfg: LatencyConfig, timer: Timer,
-                progress: bool = False) -> tuple[dict[str, Curve], float, dict[str, list[float]]]:
-    """Branch curves, fixed part and block joins from ``latency.lut``, timing (and adding) only what it lacks."""
-    table = LatencyTable.open(cfg, timer.device)
+def lut_profile(model: HRNet, image_size: int, cfg: LatencyConfig, timer: Timer, progress: bool = False,
+                table: LatencyTable | None = None) -> tuple[dict[str, Curve], float, dict[str, list[float]]]:
+    """Branch curves, fixed part and block joins from ``latency.lut`` (or ``table``, already opened from it),
+    timing (and adding) only what it lacks."""
+    table = table or LatencyTable.open(cfg, timer.device)
     curves = measure_branches(model, image_size, cfg, timer, table, progress)
     fixed_s = measure_fixed(model, image_size, cfg, timer, table)
     joins = measure_joins(model, image_size, cfg, timer, table)
@@ -237,10 +238,10 @@ def lut_profile(model: HRNet, image_size: int, cfg: LatencyConfig, timer: Timer,
     return curves, fixed_s, joins
 
 
-def network_on_target(model: HRNet, image_size: int, cfg: LatencyConfig, timer: Timer) -> float:
-    """The whole network's seconds on the target: timed here (and kept in ``latency.lut``, so that runs for this
-    machine from elsewhere have it), or with ``latency.lut_device`` read from the LUT."""
-    table = LatencyTable.open(cfg, timer.device)
+def network_on_target(model: HRNet, image_size: int, cfg: LatencyConfig, timer: Timer,
+                      table: LatencyTable) -> float:
+    """The whole network's seconds on the target: timed here (and kept in ``table``, so that runs for this
+    machine from elsewhere have it), or with ``latency.lut_device`` read from it."""
     key = network_key(model, image_size)
     if cfg.lut_device and table.get(key) is not None:
         return table.get(key)["median_s"]
@@ -268,8 +269,9 @@ def profile_on_rank0(model: HRNet, image_size: int, cfg: LatencyConfig, timer: T
     if not distributed.is_initialized() or distributed.rank() == 0:
         try:
             timer = make_timer(cfg) if cfg.lut_device or timer is None else timer
-            curves, fixed_s, joins = lut_profile(model, image_size, cfg, timer, progress)
-            network_s = network_on_target(model, image_size, cfg, timer)  # reality, to check the prediction
+            table = LatencyTable.open(cfg, timer.device)  # once: a fingerprint mismatch warns once
+            curves, fixed_s, joins = lut_profile(model, image_size, cfg, timer, progress, table)
+            network_s = network_on_target(model, image_size, cfg, timer, table)  # reality, to check the prediction
             branch_s = {k: curve_value(curves[k], widths[k]) for k in keys}
             packed = LatencyProfile(network_s, branch_s, widths, curves, cfg.cost, fixed_s, joins).to_tensor(keys)
         except UserError as err:
