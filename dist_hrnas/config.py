@@ -240,6 +240,12 @@ class LatencyConfig:
     width_step: int = _f(8, "Each branch's latency curve (prediction, marginal cost) is sampled every width_step "
                             "channels (coarser for wide branches, see max_samples), always including the "
                             "current width and one step below.")
+    flush_cache_mb: float = _f(8.0, "MiB of memory written between timed runs of a single op (kernel branch, "
+                                     "fixed part, block join), so that it reads its weights and input from "
+                                     "memory as inside a network, not from the cache that running it alone keeps "
+                                     "warm (warm-cache ops summed 5-16 % short of the network on a CPU with 2 MiB "
+                                     "L2 per core); about 4x the per-core L2 (or the GPU's L2) is right. "
+                                     "0 = warm caches. Whole networks are timed without it.")
     max_samples: int = _f(12, "At most about this many widths per branch curve (keeps profiling fast).")
     backend: str = _f("torch", "Runtime the ops are timed with: torch (eager) or onnxruntime (each op exported to "
                                "ONNX; CPU provider, CUDA provider on cuda devices). Needs the onnx extra.")
@@ -261,6 +267,8 @@ class LatencyConfig:
         _choice("latency", "cost", self.cost, ("average", "marginal"))
         _choice("latency", "backend", self.backend, ("torch", "onnxruntime"))
         _positive("latency", "width_step", self.width_step)
+        if self.flush_cache_mb < 0:
+            raise ConfigError(f"latency.flush_cache_mb: must be >= 0 (0 = warm caches), got {self.flush_cache_mb}")
         if self.max_samples < 2:
             raise ConfigError(f"latency.max_samples: must be >= 2, got {self.max_samples}")
         if self.lut_device and not self.lut:

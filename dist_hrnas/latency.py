@@ -264,7 +264,7 @@ def profile_on_rank0(model: HRNet, image_size: int, cfg: LatencyConfig, timer: T
     keys = list(widths)
     samples = {k: sample_widths(w, cfg) for k, w in widths.items()}
     join_counts = {name: len(b.branches) for name, b in model.named_blocks() if b.branches}
-    packed = torch.zeros(2 + sum(len(v) for v in samples.values()) + sum(join_counts.values()), dtype=torch.float64)
+    packed = torch.zeros(3 + sum(len(v) for v in samples.values()) + sum(join_counts.values()), dtype=torch.float64)
     error = None
     if not distributed.is_initialized() or distributed.rank() == 0:
         try:
@@ -273,7 +273,8 @@ def profile_on_rank0(model: HRNet, image_size: int, cfg: LatencyConfig, timer: T
             curves, fixed_s, joins = lut_profile(model, image_size, cfg, timer, progress, table)
             network_s = network_on_target(model, image_size, cfg, timer, table)  # reality, to check the prediction
             branch_s = {k: curve_value(curves[k], widths[k]) for k in keys}
-            packed = LatencyProfile(network_s, branch_s, widths, curves, cfg.cost, fixed_s, joins).to_tensor(keys)
+            packed = LatencyProfile(network_s, branch_s, widths, curves, cfg.cost, fixed_s, joins,
+                                    cfg.width_step).calibrated(model).to_tensor(keys)
         except UserError as err:
             if not distributed.is_initialized():
                 raise
@@ -282,7 +283,7 @@ def profile_on_rank0(model: HRNet, image_size: int, cfg: LatencyConfig, timer: T
     if error is not None:
         raise UserError(error)
     distributed.broadcast_(packed, src=0)
-    return LatencyProfile.from_tensor(packed, keys, widths, samples, cfg.cost, join_counts)
+    return LatencyProfile.from_tensor(packed, keys, widths, samples, cfg.cost, join_counts, cfg.width_step)
 
 
 def measure_network_on_rank0(model: nn.Module, image_size: int, cfg: LatencyConfig,

@@ -41,10 +41,18 @@ def sample_widths(width: int, cfg: LatencyConfig) -> list[int]:
     return sorted(widths)
 
 
-def curve_value(curve: Curve, width: float) -> float:
-    """Seconds at ``width``: linear between samples, through (0, 0); exact at sampled widths."""
+def curve_value(curve: Curve, width: float, step: int = 1) -> float:
+    """Seconds at ``width``: linear between samples, through (0, 0); exact at sampled widths.
+
+    With ``step`` > 1 (the hardware's channel group, ``latency.width_step``) a width between two multiples of
+    ``step`` costs what the next multiple costs (but no more than the widest sample it lies under): kernels run
+    a partial group at the price of a whole one (measured here: 41-47 channels as slow as 48, 49 as slow as 56),
+    so interpolating linearly inside a group under-predicted widths that are not aligned.
+    """
     if width <= 0:
         return 0.0
+    if step > 1 and curve:
+        width = min(math.ceil(width / step) * step, max(width, curve[-1][0]))
     prev_w, prev_s = 0.0, 0.0
     for w, s in curve:
         if width <= w:
@@ -93,6 +101,10 @@ class LatencyProfile:
     # Per block, seconds of joining n = 1, 2, ... branches (their sum, the block's output BN, the skip add):
     # it goes with the block's last branch, so the fixed part cannot hold it.
     combine_s: dict[str, list[float]] | None = None
+    width_step: int = 1                                # latency.width_step: widths round up to it (curve_value)
+    # What the ops timed one by one miss of the measured supernet (cache contents and dispatch between ops,
+    # see calibrated()): measured - (fixed part + branches + joins) on the supernet, added to every prediction.
+    context_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.curves is None:
@@ -109,17 +121,28 @@ class LatencyProfile:
             return 0.0
         if self.cost == "marginal":
             return marginal_s(self.curves[key], width)
-        return curve_value(self.curves[key], width) / width
+        return self.curve_s(key, width) / width
 
     def curve_s(self, key: str, width: int) -> float:
         """One branch's seconds at ``width``. Not a per-branch share of :meth:`predict_s`: the block joins are
         per block (a block's share is the drop in ``predict_s`` when it loses its branches)."""
-        return curve_value(self.curves[key], width)
+        return curve_value(self.curves[key], width, self.width_step)
+
+    def calibrated(self, supernet) -> "LatencyProfile":
+        """This profile with ``context_s`` set so that it predicts ``network_s`` for ``supernet`` exactly.
+
+        Ops timed alone sum short of the network they come from (digits on the 2-core CPU: 4-13 % with
+        evicted caches, 9-20 % without), by a part that stays about the same as branches shrink: the measured
+        supernet gives it once, then every shrunk network's prediction carries it.
+        """
+        self.context_s = 0.0
+        self.context_s = self.network_s - self.predict_s(supernet)
+        return self
 
     def predict_s(self, model) -> float:
         """Predicted end-to-end seconds of ``model`` (possibly shrunk): fixed part + each branch's curve
-        + each block's join of its surviving branches."""
-        total = self.fixed_s
+        + each block's join of its surviving branches + the context part."""
+        total = self.fixed_s + self.context_s
         for name, block in model.named_blocks():
             joins = self.combine_s.get(name)
             if joins and block.branches:
@@ -129,20 +152,20 @@ class LatencyProfile:
         return total
 
     def to_tensor(self, keys: list[str]) -> torch.Tensor:
-        """[network_s, fixed_s, each key's curve seconds in order]: what rank 0 broadcasts."""
-        values = [self.network_s, self.fixed_s] + [s for k in keys for _, s in self.curves[k]]
+        """[network_s, fixed_s, context_s, each key's curve seconds in order]: what rank 0 broadcasts."""
+        values = [self.network_s, self.fixed_s, self.context_s] + [s for k in keys for _, s in self.curves[k]]
         values += [s for joins in self.combine_s.values() for s in joins]
         return torch.tensor(values, dtype=torch.float64)
 
     @classmethod
     def from_tensor(cls, t: torch.Tensor, keys: list[str], widths: dict[str, int],
                     samples: dict[str, list[int]] | None = None, cost: str = "average",
-                    joins: dict[str, int] | None = None) -> "LatencyProfile":
+                    joins: dict[str, int] | None = None, width_step: int = 1) -> "LatencyProfile":
         """Inverse of :meth:`to_tensor`; ``samples`` (per key, the widths of its curve) default to ``widths``;
         ``joins``: per block, how many combine costs it has (its branch count)."""
         values = t.tolist()
         samples = samples or {k: [widths[k]] for k in keys}
-        curves, offset = {}, 2
+        curves, offset = {}, 3
         for k in keys:
             n = len(samples[k])
             curves[k] = [[float(w), s] for w, s in zip(samples[k], values[offset:offset + n])]
@@ -152,13 +175,15 @@ class LatencyProfile:
             combine_s[name] = values[offset:offset + n]
             offset += n
         branch_s = {k: curve_value(curves[k], widths[k]) for k in keys}
-        return cls(values[0], branch_s, {k: widths[k] for k in keys}, curves, cost, values[1], combine_s)
+        return cls(values[0], branch_s, {k: widths[k] for k in keys}, curves, cost, values[1], combine_s, width_step,
+                   values[2])
 
     def state_dict(self) -> dict:
         """Plain data (checkpoints stay ``weights_only``-loadable)."""
         return {"network_s": self.network_s, "branch_s": dict(self.branch_s), "branch_width": dict(self.branch_width),
                 "curves": {k: [list(p) for p in c] for k, c in self.curves.items()}, "cost": self.cost,
-                "fixed_s": self.fixed_s, "combine_s": {k: list(v) for k, v in self.combine_s.items()}}
+                "fixed_s": self.fixed_s, "combine_s": {k: list(v) for k, v in self.combine_s.items()},
+                "width_step": self.width_step, "context_s": self.context_s}
 
     @classmethod
     def from_state_dict(cls, p: dict, cost: str | None = None) -> "LatencyProfile":
@@ -166,4 +191,5 @@ class LatencyProfile:
         return cls(p["network_s"], dict(p["branch_s"]), dict(p["branch_width"]),
                    {k: [list(x) for x in c] for k, c in p["curves"].items()} if "curves" in p else None,
                    cost or p.get("cost", "average"), p.get("fixed_s"),
-                   {k: list(v) for k, v in p.get("combine_s", {}).items()})
+                   {k: list(v) for k, v in p.get("combine_s", {}).items()}, int(p.get("width_step", 1)),
+                   float(p.get("context_s", 0.0)))

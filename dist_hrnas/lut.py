@@ -53,7 +53,7 @@ def fingerprint(cfg: LatencyConfig, device: torch.device) -> dict:
     """Everything that changes an op's measured seconds apart from the op itself."""
     fp = {"device_type": device.type, "device_name": device_name(device), "backend": cfg.backend,
           "torch": torch.__version__.split("+")[0], "dtype": "float32", "threads": cfg.threads,
-          "batch_size": cfg.batch_size}
+          "batch_size": cfg.batch_size, "flush_cache_mb": cfg.flush_cache_mb}
     if cfg.backend == "onnxruntime":
         import onnxruntime  # only reached when the backend is selected (an optional dependency)
         fp["onnxruntime"] = onnxruntime.__version__

@@ -71,13 +71,23 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, <malloc.h>
 
 
 class Timer:
-    """Times a callable: ``warmup`` untimed calls, then the median of ``repeats`` timed calls."""
+    """Times a callable: ``warmup`` untimed calls, then the median of ``repeats`` timed calls.
+
+    With ``flush_mb`` > 0, that much memory is written (untimed) before every call of a single op: an op run
+    over and over on its own keeps its weights and input in the cache, which it never has inside a network
+    (the ops between two of its calls evict them), so warm-cache op timings summed short of the network.
+    Whole networks (``Timed(..., "network")``) are their own context and are timed without it.
+    """
 
     def __init__(self, device: torch.device, warmup: int, repeats: int,
-                 clock: Callable[[], float] = time.perf_counter):
+                 clock: Callable[[], float] = time.perf_counter, flush_mb: float = 0.0):
         self.device, self.warmup, self.repeats, self.clock = device, warmup, repeats, clock
         if device.type == "cpu":
             steady_cpu_allocator()
+        # float32 elements of the eviction buffer, allocated on first use (a timer that only times networks
+        # never needs it)
+        self.flush_numel = int(flush_mb * (1 << 20)) // 4
+        self._flush_buffer: torch.Tensor | None = None
         self.calls = 0  # how many callables were timed (tests assert who measured)
         self.counts: dict[str, int] = {}  # per kind of callable (op, fixed, network; see Timed)
 
@@ -85,16 +95,28 @@ class Timer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def _evict(self) -> None:
+        """Write the eviction buffer (cache lines of whatever ran before now hold it, not the op's data)."""
+        if self._flush_buffer is None:
+            self._flush_buffer = torch.zeros(self.flush_numel, device=self.device)
+        self._flush_buffer.add_(1.0)
+        self._sync()
+
     def __call__(self, fn: Callable[[], object], repeats: int | None = None) -> Timing:
         """Time ``fn``; ``repeats`` overrides the timer's count for this call."""
         self.calls += 1
         what = getattr(fn, "what", "")
         self.counts[what] = self.counts.get(what, 0) + 1
+        evict = self._evict if self.flush_numel > 0 and what != "network" else None
         for _ in range(self.warmup):
+            if evict:
+                evict()
             fn()
         self._sync()
         samples = []
         for _ in range(repeats or self.repeats):
+            if evict:
+                evict()
             start = self.clock()
             fn()
             self._sync()
@@ -120,7 +142,9 @@ class NoTiming(Timer):
 
 def make_timer(cfg: LatencyConfig) -> Timer:
     """The timer for ``latency.device``, or one that refuses to time when the target is another machine."""
-    return NoTiming(cfg) if cfg.lut_device else Timer(target_device(cfg), cfg.warmup, cfg.repeats)
+    if cfg.lut_device:
+        return NoTiming(cfg)
+    return Timer(target_device(cfg), cfg.warmup, cfg.repeats, flush_mb=cfg.flush_cache_mb)
 
 
 

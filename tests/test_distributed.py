@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import socket
 import subprocess
 
@@ -39,7 +40,9 @@ def test_only_rank0_calls_the_timer_and_all_ranks_get_its_figures():
     (s0, (calls0, fig0)), (s1, (calls1, fig1)) = run_ranks(_profile_rank)
     assert s0 == s1 == "ok"
     assert calls0 > 0 and calls1 == 0
-    assert fig0 == fig1 and all(v > 0 for v in fig0)
+    assert fig0 == fig1
+    # every timing is positive; fig0[2] is the calibration (measured minus predicted supernet), either sign
+    assert all(v > 0 for v in fig0[:2] + fig0[3:]) and math.isfinite(fig0[2])
 
 
 def _shrink_rank(rank: int, corrupt: bool) -> tuple[str, list[str]]:

@@ -14,7 +14,8 @@ from dist_hrnas import profile as profile_cli
 from dist_hrnas import train
 from dist_hrnas.config import PruneConfig, load_config
 from dist_hrnas.errors import ConfigError, UserError
-from dist_hrnas.latency import NETWORK_ROUNDS, Timer, Timing, branch_key, plan_branches, profile_on_rank0
+from dist_hrnas.latency import (NETWORK_ROUNDS, Timed, Timer, Timing, branch_key, curve_value, plan_branches,
+                                profile_on_rank0)
 from dist_hrnas.lut import LutMismatchWarning, read_lut_file
 from dist_hrnas.metrics import read_scalars
 from dist_hrnas.models import build_model, count_macs
@@ -128,11 +129,24 @@ def test_marginal_cost_is_the_step_at_the_current_width_and_follows_shrinks():
     registry.update_after_shrink(model, prof)
     assert registry.entries[key].width == 12
     assert registry.entries[key].seconds_per_channel == pytest.approx(STEPS[1] / 8)
-    # Prediction: the curve at each width (linear between samples: 12 lies half way from 8 to 16).
+    # Prediction: the curve at each width; 12 channels run as a whole group of 16 on this device, so the
+    # prediction is the device's own staircase (linear interpolation from 8 to 16 would say less).
     branches = [b.hidden for _, blk in model.named_blocks() for b in blk.branches]
     joins = sum(1e-3 for _, blk in model.named_blocks() if blk.branches)  # the fake timer's 1 ms per join
-    assert prof.predict_s(model) == pytest.approx(prof.fixed_s + sum(staircase(w) for w in branches if w != 12)
-                                                  + (staircase(8) + staircase(16)) / 2 + joins)
+    assert 12 in branches
+    assert prof.predict_s(model) == pytest.approx(prof.fixed_s + sum(staircase(w) for w in branches) + joins
+                                                  + prof.context_s)
+    assert prof.curve_s(key, 12) > (staircase(8) + staircase(16)) / 2
+
+
+def test_curve_value_rounds_a_partial_channel_group_up():
+    curve = [[8.0, 1.0], [16.0, 2.0], [32.0, 3.0], [36.0, 4.0]]
+    assert curve_value(curve, 12) == pytest.approx(1.5)              # no step: linear between samples
+    assert curve_value(curve, 12, step=8) == pytest.approx(2.0)      # 12 runs as 16
+    assert curve_value(curve, 17, step=8) == pytest.approx(2.5)     # 24: linear between coarse samples
+    assert curve_value(curve, 33, step=8) == pytest.approx(4.0)      # 40 is past the widest sample: 36
+    assert curve_value(curve, 16, step=8) == pytest.approx(2.0)      # aligned widths are unchanged
+    assert curve_value(curve, 0, step=8) == 0.0
 
 
 def test_round_mask_keeps_the_largest_scales_in_multiples():
@@ -259,3 +273,37 @@ def test_cpu_timing_fixes_the_allocator_thresholds_on_glibc():
         pytest.skip("mallopt thresholds are a glibc feature")
     Timer(torch.device("cpu"), 0, 1)  # a CPU timer sets them up before timing anything
     assert steady_cpu_allocator() is True and steady_cpu_allocator() is True  # once, then remembered
+
+
+def test_single_ops_are_timed_after_evicting_the_cache_networks_are_not():
+    seen = []  # the eviction buffer's value when the op runs = how many evictions came before it
+    timer = Timer(torch.device("cpu"), warmup=2, repeats=3, flush_mb=1.0)
+    timer(Timed(lambda: seen.append(timer._flush_buffer[0].item()), "op"))
+    assert seen == [1.0, 2.0, 3.0, 4.0, 5.0]                   # written before every call, warm-up included
+    assert timer._flush_buffer.numel() * 4 == 1 << 20          # 1 MiB of float32
+    timer(Timed(lambda: seen.append(timer._flush_buffer[0].item()), "network"))
+    assert seen[5:] == [5.0] * 5                               # a whole network is its own context
+    warm = Timer(torch.device("cpu"), 0, 2)                    # flush_mb=0: warm caches, no buffer
+    warm(Timed(lambda: None, "op"))
+    assert warm._flush_buffer is None
+    with pytest.raises(ConfigError, match="latency.flush_cache_mb"):
+        load_config(CONFIGS / "digits.yaml", ["latency.flush_cache_mb=-1"])
+
+
+def test_prediction_is_calibrated_on_the_supernet_and_keeps_it_through_shrinks_and_checkpoints():
+    from dist_hrnas.latency_curve import LatencyProfile
+
+    cfg = small_cfg("latency.width_step=8")
+    model, prof, _ = profile(cfg, StaircaseTimer(torch.device("cpu"), 0, 1))  # a network "takes" 1 ms
+    assert prof.network_s == pytest.approx(1e-3) and prof.width_step == 8
+    assert prof.predict_s(model) == pytest.approx(prof.network_s)              # calibrated on the supernet
+    assert prof.context_s == pytest.approx(1e-3 - (prof.predict_s(model) - prof.context_s))
+    name, block = model.named_blocks()[0]
+    assert set(block.widths) == {32}
+    before = prof.predict_s(model)
+    shrink_model(model, {name: [torch.arange(32) < 8 for _ in block.branches]})
+    drop = len(block.branches) * (staircase(32) - staircase(8))
+    assert before - prof.predict_s(model) == pytest.approx(drop)  # the context part stays with the network
+    again = LatencyProfile.from_state_dict(prof.state_dict())
+    assert (again.context_s, again.width_step) == (prof.context_s, 8)
+    assert again.predict_s(model) == pytest.approx(prof.predict_s(model))

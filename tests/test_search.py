@@ -109,8 +109,11 @@ def test_identical_ops_are_measured_once_and_prediction_matches_the_supernet():
     assert timer.calls == len(distinct) < len(curves)
     profile = profile_on_rank0(model, 32, LatencyConfig(warmup=0, repeats=2, cost="average"))
     # predicted = fixed part (timed on its own) + the branches' LUT seconds + each block's join of its branches
+    # + the context part, which calibrates the prediction on the measured supernet
     joins = sum(profile.combine_s[n][len(b.branches) - 1] for n, b in model.named_blocks() if b.branches)
-    assert profile.predict_s(model) == pytest.approx(profile.fixed_s + sum(profile.branch_s.values()) + joins)
+    assert profile.predict_s(model) == pytest.approx(profile.fixed_s + sum(profile.branch_s.values()) + joins
+                                                     + profile.context_s)
+    assert profile.predict_s(model) == pytest.approx(profile.network_s)
     assert all(v > 0 for v in profile.branch_s.values()) and profile.fixed_s > 0
 
 
