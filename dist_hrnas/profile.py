@@ -33,6 +33,8 @@ def build_lut(cfg, progress: bool = True, timer: Timer | None = None) -> dict:
             "joins_timed": timer.counts.get("join", 0),
             "branches": len(profile.branch_s), "curve_points": sum(len(c) for c in profile.curves.values()),
             "latency_ms_predicted": round(profile.predict_s(model) * 1e3, 4),
+            # the ops alone (predicted minus the context part that calibrates it on the measured supernet)
+            "latency_ms_ops_only": round((profile.predict_s(model) - profile.context_s) * 1e3, 4),
             "latency_ms_measured": round(profile.network_s * 1e3, 4),
             "wall_time_s": round(time.perf_counter() - start, 3)}
 
