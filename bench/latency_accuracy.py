@@ -3,8 +3,10 @@
 Per config (``configs/digits.yaml`` and ``configs/hrnas_imagenet.yaml``): build the LUT (branch curves +
 fixed part), then for the supernet and ``--levels`` random shrinks (every branch keeps a random share of its
 channels, some none) compare the predicted end-to-end latency (fixed part + each branch's curve at its width)
-with the measured one. ``ops_within_10pct``: re-time ``--ops`` LUT entries and count those within +-10% of
-their LUT value (repeatability of the single-op numbers the penalty is built from).
+with the measured one (each network timed in a fresh process, as a search does with latency.clean_process;
+the prediction is calibrated on the supernet, measured separately first). ``ops_within_10pct``: re-time
+``--ops`` LUT entries and count those within +-10% of their LUT value (repeatability of the single-op numbers
+the penalty is built from).
 
 Usage: ``python bench/latency_accuracy.py [--configs digits imagenet] [--levels 4] [--ops 40] [--out FILE]``
 """
@@ -27,9 +29,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
+from dist_hrnas.clean_timing import CleanProcessTimer  # noqa: E402
 from dist_hrnas.config import load_config  # noqa: E402
 from dist_hrnas.latency import (LatencyProfile, Timed, op_at_width, runner, branch_widths, cpu_threads,  # noqa: E402
-                                curve_value, lut_profile, make_timer, measure_network, plan_branches)
+                                curve_value, lut_profile, make_timer, plan_branches)
 from dist_hrnas.models import build_model, export_arch, model_from_arch  # noqa: E402
 from dist_hrnas.surgery import shrink_model  # noqa: E402
 
@@ -86,9 +89,12 @@ def bench_config(name: str, levels: int, n_ops: int, seed: int) -> dict:
         curves, fixed_s, joins = lut_profile(model, cfg.data.image_size, cfg.latency, timer)
         build_s = time.perf_counter() - start
     widths = branch_widths(model)
+    # Networks are timed as a search times them (latency.clean_process): each in a fresh child process, so
+    # this process stays as it was when it built the LUT (it re-times ops at the end).
+    network_s = CleanProcessTimer(cfg.latency, cfg.data.image_size)
     # What a search does at its start: time the supernet end to end once and calibrate the prediction on it
     # (LatencyProfile.context_s). The supernet row below is a separate measurement: its error is repeat noise.
-    supernet_s = measure_network(model, cfg.data.image_size, cfg.latency, timer)
+    supernet_s = network_s(model)
     profile = LatencyProfile(supernet_s, {k: curve_value(curves[k], widths[k]) for k in widths}, widths, curves,
                              cfg.latency.cost, fixed_s, joins, cfg.latency.width_step).calibrated(model)
     rng = random.Random(seed)
@@ -97,21 +103,16 @@ def bench_config(name: str, levels: int, n_ops: int, seed: int) -> dict:
     cases = [(1.0, 1)] + [(s, cfg.latency.width_step) for s in shares] + [(s, 1) for s in shares]
     for share, align in cases:
         shrunk = model if share == 1.0 else random_shrink(build_model(cfg.model), rng, share, align)
-        # Measured: the architecture built afresh with the shrunk weights (what searched_arch.yaml runs at).
-        # The in-place surgery result itself is timed too: on CPU it runs slower than the same architecture
-        # built afresh (see README), which no op-level model predicts.
+        # Measured: the shrunk architecture (what searched_arch.yaml holds), built afresh in a clean process.
         net = model_from_arch(export_arch(shrunk))
-        net.load_state_dict(shrunk.state_dict())
         predicted = profile.predict_s(net)
         ops_only = predicted - profile.context_s
-        measured = measure_network(net, cfg.data.image_size, cfg.latency, timer)
-        surgery = measured if share == 1.0 else measure_network(shrunk, cfg.data.image_size, cfg.latency, timer)
+        measured = network_s(net)
         rows.append({"keep": round(share, 3), "align": align,
                      "channels": sum(sum(b.widths) for _, b in net.named_blocks()),
                      "predicted_ms": round(predicted * 1e3, 3), "measured_ms": round(measured * 1e3, 3),
                      "error_pct": round(100 * (predicted - measured) / measured, 2),
-                     "ops_only_error_pct": round(100 * (ops_only - measured) / measured, 2),
-                     "measured_after_surgery_ms": round(surgery * 1e3, 3)})
+                     "ops_only_error_pct": round(100 * (ops_only - measured) / measured, 2)})
     # Headline: supernet + shrinks to aligned widths (sampled by the curves; prune.round_to=width_step keeps
     # a search on them). Any-width shrinks are reported apart: between samples the curve interpolates.
     errors = [abs(r["error_pct"]) for r in rows if r["align"] > 1 or r["keep"] == 1.0]

@@ -246,6 +246,10 @@ class LatencyConfig:
                                      "warm (warm-cache ops summed 5-16 % short of the network on a CPU with 2 MiB "
                                      "L2 per core); about 4x the per-core L2 (or the GPU's L2) is right. "
                                      "0 = warm caches. Whole networks are timed without it.")
+    clean_process: bool = _f(True, "Time each whole network (the supernet, after every shrink) in a fresh child "
+                                   "process, as in deployment: after training steps the same network ran 4-16 % "
+                                   "slower in the training process (see dist_hrnas/clean_timing.py). false = "
+                                   "time in the training process.")
     max_samples: int = _f(12, "At most about this many widths per branch curve (keeps profiling fast).")
     backend: str = _f("torch", "Runtime the ops are timed with: torch (eager) or onnxruntime (each op exported to "
                                "ONNX; CPU provider, CUDA provider on cuda devices). Needs the onnx extra.")

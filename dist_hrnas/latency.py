@@ -28,6 +28,9 @@ from dist_hrnas.models.blocks import KernelBranch
 from dist_hrnas.timing import (NoTiming, Timed, Timer, Timing, cpu_threads, make_timer,  # noqa: F401
                                steady_cpu_allocator, target_device)
 
+# Times a whole network's architecture end to end (clean_timing.CleanProcessTimer: in a fresh process)
+NetworkTimer = Callable[[HRNet], float]
+
 
 @torch.no_grad()
 def block_input_shapes(model: HRNet, image_size: int) -> dict[str, tuple[int, int, int]]:
@@ -239,20 +242,24 @@ def lut_profile(model: HRNet, image_size: int, cfg: LatencyConfig, timer: Timer,
 
 
 def network_on_target(model: HRNet, image_size: int, cfg: LatencyConfig, timer: Timer,
-                      table: LatencyTable) -> float:
-    """The whole network's seconds on the target: timed here (and kept in ``table``, so that runs for this
-    machine from elsewhere have it), or with ``latency.lut_device`` read from it."""
+                      table: LatencyTable, network_timer: NetworkTimer | None = None) -> float:
+    """The whole network's seconds on the target: timed here (by ``network_timer`` when given, e.g. in a clean
+    process; kept in ``table``, so that runs for this machine from elsewhere have it), or with
+    ``latency.lut_device`` read from it."""
     key = network_key(model, image_size)
     if cfg.lut_device and table.get(key) is not None:
         return table.get(key)["median_s"]
-    network_s = measure_network(model, image_size, cfg, timer)  # NoTiming explains what the LUT lacks
+    if network_timer is not None and not cfg.lut_device:
+        network_s = network_timer(model)
+    else:
+        network_s = measure_network(model, image_size, cfg, timer)  # NoTiming explains what the LUT lacks
     table.put(key, network_s, 0.0)
     table.save()
     return network_s
 
 
 def profile_on_rank0(model: HRNet, image_size: int, cfg: LatencyConfig, timer: Timer | None = None,
-                     progress: bool = False) -> LatencyProfile:
+                     progress: bool = False, network_timer: NetworkTimer | None = None) -> LatencyProfile:
     """Rank 0 measures (or reads from ``latency.lut``) the branch curves and the network; every rank returns the
     same profile. With ``latency.lut_device`` every figure comes from the LUT and ``timer`` is not used.
 
@@ -271,7 +278,7 @@ def profile_on_rank0(model: HRNet, image_size: int, cfg: LatencyConfig, timer: T
             timer = make_timer(cfg) if cfg.lut_device or timer is None else timer
             table = LatencyTable.open(cfg, timer.device)  # once: a fingerprint mismatch warns once
             curves, fixed_s, joins = lut_profile(model, image_size, cfg, timer, progress, table)
-            network_s = network_on_target(model, image_size, cfg, timer, table)  # reality, to check the prediction
+            network_s = network_on_target(model, image_size, cfg, timer, table, network_timer)  # reality
             branch_s = {k: curve_value(curves[k], widths[k]) for k in keys}
             packed = LatencyProfile(network_s, branch_s, widths, curves, cfg.cost, fixed_s, joins,
                                     cfg.width_step).calibrated(model).to_tensor(keys)
@@ -287,10 +294,11 @@ def profile_on_rank0(model: HRNet, image_size: int, cfg: LatencyConfig, timer: T
 
 
 def measure_network_on_rank0(model: nn.Module, image_size: int, cfg: LatencyConfig,
-                             timer: Timer | None = None) -> float:
-    """End-to-end seconds measured by rank 0 and broadcast to all ranks."""
+                             timer: Timer | None = None, network_timer: NetworkTimer | None = None) -> float:
+    """End-to-end seconds measured by rank 0 (with ``network_timer`` when given) and broadcast to all ranks."""
     packed = torch.zeros(1, dtype=torch.float64)
     if not distributed.is_initialized() or distributed.rank() == 0:
-        packed[0] = measure_network(model, image_size, cfg, timer or make_timer(cfg))
+        packed[0] = network_timer(model) if network_timer is not None else \
+            measure_network(model, image_size, cfg, timer or make_timer(cfg))
     distributed.barrier()
     return distributed.broadcast_(packed, src=0).item()

@@ -19,6 +19,7 @@ from torch import nn
 
 from dist_hrnas import distributed
 from dist_hrnas.budget import BudgetSteer, branch_channels, full_masks
+from dist_hrnas.clean_timing import start_network_timer
 from dist_hrnas.config import Config
 from dist_hrnas.latency import (LatencyProfile, Timer, branch_key, measure_network_on_rank0,
                                 profile_on_rank0)
@@ -187,8 +188,11 @@ class Search:
         """Measure (rank 0) and build the registry, or restore both from a checkpoint's ``saved`` state."""
         self.cfg, self.image_size, self.run_dir, self.timer = cfg, image_size, run_dir, timer
         self.enabled = cfg.prune.penalty != "none"
+        # A run that times for real (no injected timer) times whole networks in clean processes.
+        self.network_timer = start_network_timer(cfg.latency, image_size) if timer is None else None
         if saved is None:
-            self.profile = profile_on_rank0(model, image_size, cfg.latency, timer, progress=cfg.log.progress)
+            self.profile = profile_on_rank0(model, image_size, cfg.latency, timer, progress=cfg.log.progress,
+                                            network_timer=self.network_timer)
             macs = count_macs(model, model.spec.image_channels, image_size)
             self.registry = PruneRegistry.build(cfg.prune, model, macs, self.profile)
             self.latency_ms_supernet = self.profile.network_s * 1e3
@@ -323,7 +327,8 @@ class Search:
         (``latency.lut_device``) the supernet's figure from there scaled by the latency model."""
         if self.cfg.latency.lut_device:
             return self.latency_ms_supernet * self.predicted_now_s / self.supernet_predicted_s
-        return measure_network_on_rank0(model, self.image_size, self.cfg.latency, self.timer) * 1e3
+        return measure_network_on_rank0(model, self.image_size, self.cfg.latency, self.timer,
+                                        self.network_timer) * 1e3
 
     def _shrink(self, model: HRNet, ema_model: HRNet | None, masks: dict[str, list[torch.Tensor]], dead: int,
                 step: int, epoch: int, rebuild: Callable[[ShrinkResult, dict[str, torch.nn.Parameter]], None],

@@ -1,0 +1,94 @@
+"""Whole-network timings in a clean process (``latency.clean_process``).
+
+A process that has trained, or has run many different networks, runs the same network slower than a fresh
+one: on the 2-core development CPU a network timed at 39-40 ms before 20 training steps of the supernet and
+at 43-46 ms after them, in the same process, and stayed slow after the trained model was freed and the heap
+trimmed (not held memory, not denormal weights, not thread settings; with oneDNN disabled the difference
+vanished, so oneDNN's state is the likely cause). Measured in the training process, every figure after the
+first shrink was inflated against the supernet's (taken before training) and against deployment, where the
+network runs in a process that does inference only: a searched network measured at 47.0 ms in the search
+timed 38.5-42 ms in a fresh process, so a latency budget was met with 10-20 % to spare that the user paid in
+accuracy.
+
+So each network is timed in a child forked from a server process that has imported torch and never run
+anything (``forkserver``; ``spawn`` where that does not exist): every figure comes from the same fresh
+state, whatever the parent did before. Latency does not depend on weight values, so only the architecture
+(plain data) crosses. A child that dies is an error on the spot, never a hang.
+"""
+from __future__ import annotations
+
+import multiprocessing
+from dataclasses import asdict
+from multiprocessing.connection import Connection
+
+from dist_hrnas.config import LatencyConfig
+from dist_hrnas.errors import UserError
+from dist_hrnas.models import HRNet, export_arch
+
+POLL_S = 2.0  # how often a waiting parent checks that the child is still alive
+
+
+def _time_network(arch: dict, cfg_fields: dict, image_size: int, conn: Connection) -> None:  # in the child
+    try:
+        from dist_hrnas.latency import measure_network
+        from dist_hrnas.models import model_from_arch
+        from dist_hrnas.timing import make_timer
+
+        cfg = LatencyConfig(**cfg_fields)
+        conn.send(("ok", measure_network(model_from_arch(arch), image_size, cfg, make_timer(cfg))))
+    except Exception as err:  # noqa: BLE001 - reported to the parent, which raises it
+        conn.send(("error", f"{type(err).__name__}: {err}"))
+    finally:
+        conn.close()
+
+
+def _wait(process, conn: Connection) -> float:
+    """The child's answer; a child that exits without one is an error naming the setting."""
+    while not conn.poll(POLL_S) and process.is_alive():
+        pass
+    try:
+        status, value = conn.recv()  # a dead child's closed end reads as EOFError
+    except EOFError:
+        process.join()
+        raise UserError(f"the process timing the network exited (code {process.exitcode}) without a result; "
+                        f"set latency.clean_process=false to time networks in the training process instead") from None
+    process.join()
+    if status != "ok":
+        raise UserError(f"timing the network in a clean process failed: {value}")
+    return value
+
+
+class CleanProcessTimer:
+    """Times whole networks, each in a fresh child process (see the module docstring)."""
+
+    def __init__(self, cfg: LatencyConfig, image_size: int):
+        method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+        self._ctx = multiprocessing.get_context(method)
+        if method == "forkserver":  # the server imports torch once; each child is a cheap fork of it
+            self._ctx.set_forkserver_preload(["dist_hrnas.clean_timing"])
+        self.cfg_fields, self.image_size = asdict(cfg), image_size
+        self.calls = 0
+
+    def __call__(self, model: HRNet) -> float:
+        """End-to-end seconds of ``model``'s architecture, timed in a fresh child process."""
+        self.calls += 1
+        receive, send = self._ctx.Pipe(duplex=False)
+        process = self._ctx.Process(target=_time_network, args=(export_arch(model), self.cfg_fields,
+                                                                 self.image_size, send),
+                                    name="dist_hrnas-latency", daemon=True)
+        process.start()
+        send.close()  # the child holds its end; a dead child then reads as end of file, not as silence
+        try:
+            return _wait(process, receive)
+        finally:
+            receive.close()
+
+
+def start_network_timer(cfg: LatencyConfig, image_size: int) -> CleanProcessTimer | None:
+    """The clean-process timer on the rank that measures (global rank 0) when ``latency.clean_process`` is on
+    and the target is this machine; None elsewhere (networks are then timed in-process, or not at all)."""
+    from dist_hrnas import distributed
+
+    if not cfg.clean_process or cfg.lut_device or (distributed.is_initialized() and distributed.rank() != 0):
+        return None
+    return CleanProcessTimer(cfg, image_size)

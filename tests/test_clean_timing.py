@@ -1,0 +1,75 @@
+"""Whole networks timed in clean child processes (latency.clean_process)."""
+from __future__ import annotations
+
+import multiprocessing
+import os
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from dist_hrnas.clean_timing import CleanProcessTimer, _time_network, _wait, start_network_timer
+from dist_hrnas.config import load_config
+from dist_hrnas.errors import UserError
+from dist_hrnas.models import build_model
+from dist_hrnas.search import Search
+from dist_hrnas.surgery import shrink_model
+from tests.conftest import CONFIGS
+from tests.test_search import SEARCH
+
+
+def _cfg(*extra: str):
+    return load_config(CONFIGS / "digits.yaml", [*SEARCH, *extra])
+
+
+def _pid(_arch, _cfg_fields, _image_size, conn) -> None:  # a stand-in child: answers with its process id
+    conn.send(("ok", float(os.getpid())))
+    conn.close()
+
+
+def test_each_network_is_timed_in_its_own_fresh_process():
+    cfg = _cfg()
+    model = build_model(cfg.model)
+    timer = CleanProcessTimer(cfg.latency, cfg.data.image_size)
+    supernet_s = timer(model)
+    name, block = model.named_blocks()[-1]
+    shrink_model(model, {name: [torch.arange(b.hidden) < 1 for b in block.branches]})
+    assert 0 < timer(model) and 0 < supernet_s and timer.calls == 2
+    assert not multiprocessing.active_children()                   # every child has been joined
+
+
+def test_children_are_new_processes_every_time(monkeypatch):
+    import dist_hrnas.clean_timing as clean_timing
+
+    monkeypatch.setattr(clean_timing, "_time_network", _pid)
+    timer = CleanProcessTimer(_cfg().latency, 16)
+    timer._ctx = multiprocessing.get_context("spawn")             # the stand-in lives in this test module
+    pids = {timer(build_model(_cfg().model)) for _ in range(2)}
+    assert len(pids) == 2 and os.getpid() not in pids
+
+
+def test_a_child_that_dies_or_fails_is_an_error_naming_the_setting_not_a_hang():
+    ctx = multiprocessing.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    dead = ctx.Process(target=os._exit, args=(3,))                 # exits without answering
+    dead.start()
+    send.close()
+    with pytest.raises(UserError, match=r"exited \(code 3\).*latency.clean_process=false"):
+        _wait(dead, receive)
+    receive, send = ctx.Pipe(duplex=False)
+    failing = ctx.Process(target=_time_network, args=({"not": "an architecture"}, asdict(_cfg().latency), 16, send))
+    failing.start()
+    send.close()
+    with pytest.raises(UserError, match="timing the network in a clean process failed: "):
+        _wait(failing, receive)
+
+
+def test_a_search_times_the_supernet_in_a_clean_process_unless_told_not_to(tmp_path):
+    cfg = _cfg()
+    search = Search(cfg, build_model(cfg.model), cfg.data.image_size, tmp_path)
+    assert search.network_timer is not None and search.network_timer.calls == 1    # the supernet, at start
+    assert search.latency_ms_supernet > 0
+    off = _cfg("latency.clean_process=false")
+    assert start_network_timer(off.latency, 16) is None
+    plain = Search(off, build_model(off.model), off.data.image_size, tmp_path / "b")
+    assert plain.network_timer is None and plain.latency_ms_supernet > 0
