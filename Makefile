@@ -25,12 +25,17 @@ test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
 # Benchmarks print JSON and write it under bench/results/ (plus the Pareto plots); about 45 minutes here.
+REPORT_RUN := bench/results/tmp/search_quality/throughput_seconds_0.03
+
 bench: $(STAMP)
 	mkdir -p bench/results
 	OMP_NUM_THREADS=1 $(PY) bench/overhead.py
 	OMP_NUM_THREADS=1 $(PY) bench/latency_accuracy.py --out bench/results/latency_accuracy.json
 	OMP_NUM_THREADS=1 $(PY) bench/profile_cost.py > bench/results/profile_cost.json && cat bench/results/profile_cost.json
 	OMP_NUM_THREADS=1 $(PY) bench/search_quality.py
+	# the report of one searched network (throughput target, seconds penalty, rho 0.03) and its schedule plot
+	OMP_NUM_THREADS=1 $(PY) -m dist_hrnas.report $(REPORT_RUN) --format markdown --out bench/results/report_digits.md
+	cp $(REPORT_RUN)/report_schedule.png bench/results/report_digits_schedule.png
 
 clean:
 	rm -rf $(VENV) runs
