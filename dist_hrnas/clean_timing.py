@@ -21,19 +21,18 @@ import multiprocessing
 from dataclasses import asdict
 from multiprocessing.connection import Connection
 
+from dist_hrnas import distributed
 from dist_hrnas.config import LatencyConfig
 from dist_hrnas.errors import UserError
-from dist_hrnas.models import HRNet, export_arch
+from dist_hrnas.latency import measure_network
+from dist_hrnas.models import HRNet, export_arch, model_from_arch
+from dist_hrnas.timing import make_timer
 
 POLL_S = 2.0  # how often a waiting parent checks that the child is still alive
 
 
 def _time_network(arch: dict, cfg_fields: dict, image_size: int, conn: Connection) -> None:  # in the child
     try:
-        from dist_hrnas.latency import measure_network
-        from dist_hrnas.models import model_from_arch
-        from dist_hrnas.timing import make_timer
-
         cfg = LatencyConfig(**cfg_fields)
         conn.send(("ok", measure_network(model_from_arch(arch), image_size, cfg, make_timer(cfg))))
     except Exception as err:  # noqa: BLE001 - reported to the parent, which raises it
@@ -87,8 +86,6 @@ class CleanProcessTimer:
 def start_network_timer(cfg: LatencyConfig, image_size: int) -> CleanProcessTimer | None:
     """The clean-process timer on the rank that measures (global rank 0) when ``latency.clean_process`` is on
     and the target is this machine; None elsewhere (networks are then timed in-process, or not at all)."""
-    from dist_hrnas import distributed
-
     if not cfg.clean_process or cfg.lut_device or (distributed.is_initialized() and distributed.rank() != 0):
         return None
     return CleanProcessTimer(cfg, image_size)

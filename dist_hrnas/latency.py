@@ -223,6 +223,12 @@ def branch_widths(model: HRNet) -> dict[str, int]:
     return {branch_key(name, b.kernel): b.hidden for name, block in model.named_blocks() for b in block.branches}
 
 
+def _time_network(model: HRNet, image_size: int, cfg: LatencyConfig, timer: Timer,
+                  network_timer: NetworkTimer | None) -> float:
+    """End-to-end seconds by ``network_timer`` (e.g. in a clean process) when given, else in this process."""
+    return network_timer(model) if network_timer is not None else measure_network(model, image_size, cfg, timer)
+
+
 def network_key(model: HRNet, image_size: int) -> str:
     """LUT signature of one whole network (its exact architecture and resolution)."""
     arch = json.dumps({"arch": export_arch(model), "image_size": image_size}, sort_keys=True)
@@ -249,10 +255,8 @@ def network_on_target(model: HRNet, image_size: int, cfg: LatencyConfig, timer: 
     key = network_key(model, image_size)
     if cfg.lut_device and table.get(key) is not None:
         return table.get(key)["median_s"]
-    if network_timer is not None and not cfg.lut_device:
-        network_s = network_timer(model)
-    else:
-        network_s = measure_network(model, image_size, cfg, timer)  # NoTiming explains what the LUT lacks
+    # with lut_device nothing may be timed here: NoTiming explains what the LUT lacks
+    network_s = _time_network(model, image_size, cfg, timer, None if cfg.lut_device else network_timer)
     table.put(key, network_s, 0.0)
     table.save()
     return network_s
@@ -298,7 +302,6 @@ def measure_network_on_rank0(model: nn.Module, image_size: int, cfg: LatencyConf
     """End-to-end seconds measured by rank 0 (with ``network_timer`` when given) and broadcast to all ranks."""
     packed = torch.zeros(1, dtype=torch.float64)
     if not distributed.is_initialized() or distributed.rank() == 0:
-        packed[0] = network_timer(model) if network_timer is not None else \
-            measure_network(model, image_size, cfg, timer or make_timer(cfg))
+        packed[0] = _time_network(model, image_size, cfg, timer or make_timer(cfg), network_timer)
     distributed.barrier()
     return distributed.broadcast_(packed, src=0).item()

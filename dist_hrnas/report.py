@@ -271,7 +271,7 @@ def build_report(run: Run, measure: bool = True) -> dict:
         # What no shrink changes (stem, shortcuts, fuse sums, head conv, classifier) and what the ops timed one
         # by one miss of the measured supernet: blocks + fixed + context = predicted.
         "latency_ms_predicted_fixed": _ms(run.profile.fixed_s) if run.profile is not None else None,
-        "latency_ms_predicted_context": _ms(getattr(run.profile, "context_s", 0.0)) if run.profile is not None
+        "latency_ms_predicted_context": _ms(run.profile.context_s) if run.profile is not None
         else None,
         "latency_ms_measured_before": s.get("latency_ms_supernet"),
         "latency_ms_measured_after": s.get("latency_ms_searched"),
