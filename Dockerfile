@@ -28,12 +28,13 @@ COPY launch ./launch
 #     what CI tests;
 #  3. install the package itself with --no-deps: its dependencies are all in place by then, and pip
 #     cannot pull another torch through `torch>=2.3` in pyproject.toml.
+# matplotlib (the report's plot) and onnx + onnxruntime (latency.backend=onnxruntime) are what `make` installs too.
 # DeepSpeed is an sdist: it builds without compiling any op (DS_BUILD_OPS=0) and without a GPU.
 RUN python -c "import torch; print('torch==' + torch.__version__)" > /tmp/pins.txt \
- && grep -iE '^(numpy|pyyaml|scikit-learn|tqdm|tensorboard|pillow)==' constraints.txt >> /tmp/pins.txt \
+ && grep -iE '^(numpy|pyyaml|scikit-learn|tqdm|tensorboard|pillow|matplotlib|onnx|onnxruntime)==' constraints.txt >> /tmp/pins.txt \
  && cat /tmp/pins.txt \
  && DS_BUILD_OPS=0 pip install --no-cache-dir -c /tmp/pins.txt \
-        deepspeed==0.19.8 tensorboard pyyaml scikit-learn tqdm pillow numpy \
+        deepspeed==0.19.8 tensorboard pyyaml scikit-learn tqdm pillow numpy matplotlib onnx onnxruntime \
  && pip install --no-cache-dir --no-deps -e . \
  && python -c "import torch, deepspeed, dist_hrnas; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'deepspeed', deepspeed.__version__)" \
  && rm -f /tmp/pins.txt

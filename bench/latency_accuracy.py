@@ -29,12 +29,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-from dist_hrnas.clean_timing import CleanProcessTimer  # noqa: E402
+from dist_hrnas.latency.clean_process import CleanProcessTimer  # noqa: E402
 from dist_hrnas.config import load_config  # noqa: E402
-from dist_hrnas.latency import (LatencyProfile, Timed, op_at_width, runner, branch_widths, cpu_threads,  # noqa: E402
-                                curve_value, lut_profile, make_timer, plan_branches)
+from dist_hrnas.latency import (LatencyProfile, Timed, branch_widths, cpu_threads, curve_value,  # noqa: E402
+                                make_timer)
+from dist_hrnas.latency.measure import lut_profile, op_at_width, plan_branches, runner  # noqa: E402
 from dist_hrnas.models import build_model, export_arch, model_from_arch  # noqa: E402
-from dist_hrnas.surgery import shrink_model  # noqa: E402
+from dist_hrnas.search.surgery import shrink_model  # noqa: E402
 
 CONFIGS = {"digits": (ROOT / "configs" / "digits.yaml", []),
            # batch 1 at 224px: latency mode, what the CPU figures use

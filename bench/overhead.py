@@ -30,7 +30,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 from dist_hrnas.config import load_config  # noqa: E402
-from dist_hrnas.distributed import DistContext  # noqa: E402
+from dist_hrnas.parallel.comm import DistContext  # noqa: E402
 from tests.multirank import run_ranks  # noqa: E402  (2 gloo ranks, FileStore rendezvous)
 
 DIGITS = ROOT / "configs" / "digits.yaml"
@@ -43,7 +43,7 @@ def _digits_state(ctx: DistContext, steps: int, overrides: list[str]):
     from dist_hrnas.data import build_datasets, build_loaders
     from dist_hrnas.models import build_model
     from dist_hrnas.optim import scaled_lr
-    from dist_hrnas.train import build_state
+    from dist_hrnas.parallel.rewrap import build_state
 
     cfg = load_config(DIGITS, [*QUIET, f"train.max_steps_per_epoch={steps}", *overrides])
     torch.manual_seed(0)
@@ -55,14 +55,14 @@ def _digits_state(ctx: DistContext, steps: int, overrides: list[str]):
 
 
 def _epoch_s(state, loader, search, cfg, ctx, epoch: int) -> float:
-    from dist_hrnas import distributed
+    from dist_hrnas.parallel import comm
     from dist_hrnas.metrics import NullWriter
     from dist_hrnas.train import train_one_epoch
 
-    distributed.barrier()
+    comm.barrier()
     start = time.perf_counter()
     train_one_epoch(state, loader, search, cfg, ctx, NullWriter(), epoch)
-    distributed.barrier()
+    comm.barrier()
     return time.perf_counter() - start
 
 
@@ -87,11 +87,11 @@ def search_step_ratio(steps: int, rounds: int) -> dict:
 
 def _shrink_rank(rank: int, engine: str) -> dict:
     """One shrink of the ImageNet supernet with optimizer state, timed phase by phase on every rank."""
-    from dist_hrnas import distributed
+    from dist_hrnas.parallel import comm
     from dist_hrnas.models import build_model
-    from dist_hrnas.search import broadcast_masks, check_same_on_all_ranks
-    from dist_hrnas.surgery import shrink_model
-    from dist_hrnas.train import build_state, rebuild_after_shrink
+    from dist_hrnas.parallel.rewrap import build_state, rewrap
+    from dist_hrnas.search.shrink import broadcast_masks, check_same_on_all_ranks
+    from dist_hrnas.search.surgery import carry_optimizer_state, shrink_model
 
     cfg = load_config(IMAGENET, [*QUIET, f"dist.engine={engine}", "dist.deepspeed.zero_stage=2"])
     ctx = DistContext(rank=rank, world_size=2, backend="gloo")
@@ -104,7 +104,7 @@ def _shrink_rank(rank: int, engine: str) -> dict:
     gen = torch.Generator().manual_seed(rank)                          # ranks propose different masks...
     masks = {name: [torch.rand(w, generator=gen) > 0.3 for w in block.widths] for name, block in model.named_blocks()}
     phases = {}
-    distributed.barrier()
+    comm.barrier()
     start = time.perf_counter()
     masks = broadcast_masks(model, masks)                              # ...rank 0's are applied everywhere
     phases["broadcast_masks_s"] = time.perf_counter() - start
@@ -113,9 +113,9 @@ def _shrink_rank(rank: int, engine: str) -> dict:
     phases["surgery_s"] = time.perf_counter() - start - sum(phases.values())
     check_same_on_all_ranks(model, step=1)
     phases["hash_check_s"] = time.perf_counter() - start - sum(phases.values())
-    rebuild_after_shrink(state, cfg, ctx, result, old_params)
+    rewrap(state, cfg, ctx, lambda old, new: carry_optimizer_state(old, old_params, new, model, result))
     phases["rebuild_s"] = time.perf_counter() - start - sum(phases.values())
-    distributed.barrier()
+    comm.barrier()
     phases["shrink_s"] = time.perf_counter() - start
     state.engine.release()
     return phases

@@ -20,8 +20,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 from dist_hrnas.config import load_config  # noqa: E402
-from dist_hrnas.latency import lut_profile, make_timer  # noqa: E402
-from dist_hrnas.lut import read_lut_file  # noqa: E402
+from dist_hrnas.latency import make_timer, read_lut_file  # noqa: E402
+from dist_hrnas.latency.measure import lut_profile  # noqa: E402
 from dist_hrnas.models import build_model  # noqa: E402
 
 

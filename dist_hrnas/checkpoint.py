@@ -18,6 +18,7 @@ import torch
 
 from dist_hrnas.errors import UserError
 from dist_hrnas.fileio import atomic_write
+from dist_hrnas.names import RunFiles
 
 CHECKPOINT_FORMAT = "dist_hrnas.checkpoint/v1"
 
@@ -136,5 +137,5 @@ def set_rng_state(state: dict) -> None:
 
 def find_resume_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """``run_dir/checkpoints/last.pt`` when it exists, else None."""
-    last = Path(run_dir) / "checkpoints" / "last.pt"
+    last = RunFiles(Path(run_dir)).last_checkpoint
     return last if last.is_file() else None

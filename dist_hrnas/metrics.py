@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from dist_hrnas.fileio import atomic_write_json
+from dist_hrnas.names import RunFiles
 
 
 class NullWriter:
@@ -66,7 +67,7 @@ class TensorBoardWriter(NullWriter):
 
 def make_writer(run_dir: str | os.PathLike, enabled: bool, is_main: bool) -> NullWriter:
     if enabled and is_main:
-        return TensorBoardWriter(Path(run_dir) / "tb")
+        return TensorBoardWriter(RunFiles(Path(run_dir)).tensorboard)
     return NullWriter()
 
 

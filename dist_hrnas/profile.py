@@ -17,7 +17,7 @@ import time
 from dist_hrnas.cli import add_config_args, config_from_args
 from dist_hrnas.errors import exits_cleanly_on_user_error
 from dist_hrnas.latency import Timer, make_timer, profile_on_rank0
-from dist_hrnas.lut import device_name
+from dist_hrnas.latency.lut import device_name
 from dist_hrnas.models import build_model, model_from_arch, load_arch_file
 
 

@@ -49,7 +49,8 @@ from dist_hrnas.checkpoint import load_checkpoint
 from dist_hrnas.config import Config, LatencyConfig, load_config
 from dist_hrnas.errors import UserError, exits_cleanly_on_user_error
 from dist_hrnas.fileio import atomic_write_text
-from dist_hrnas.latency import (LatencyProfile, Timer, block_input_shapes, branch_key, cpu_threads,
+from dist_hrnas.names import RunFiles
+from dist_hrnas.latency import (LatencyProfile, Timer, block_input_shapes, cpu_threads,
                                 target_device)
 from dist_hrnas.models import (AtomicBlock, HRNet, build_model, count_macs, count_params, load_arch_file,
                                model_from_arch)
@@ -58,7 +59,6 @@ from dist_hrnas.report_render import (format_markdown, format_text, plot_schedul
                                       schedule_from_shrinks)
 
 REPORT_FORMAT = "dist_hrnas.report/v1"
-PNG_NAME = "report_schedule.png"
 SHRINK_KEYS = ("step", "epoch", "channels_removed", "widths", "latency_ms_predicted_before",
                "latency_ms_predicted_after", "latency_ms_measured_after")
 _RUN_HINT = "pass the log.run_dir of a finished search run, e.g. runs/digits"
@@ -115,29 +115,30 @@ def load_run(run_dir: str | os.PathLike) -> Run:
     d = Path(run_dir)
     if not d.is_dir():
         raise UserError(f"run directory not found: {d} ({_RUN_HINT})")
-    for name in ("config.yaml", "summary.json"):
-        if not (d / name).is_file():
-            why = "the run has not finished (wait for it, or resume it)" if name == "summary.json" \
+    files = RunFiles(d)
+    for path in (files.config, files.summary):
+        if not path.is_file():
+            why = "the run has not finished (wait for it, or resume it)" if path == files.summary \
                 else "not a run directory"
-            raise UserError(f"{d} has no {name}: {why}; {_RUN_HINT}")
-    arch_path = d / "searched_arch.yaml"
+            raise UserError(f"{d} has no {path.name}: {why}; {_RUN_HINT}")
+    arch_path = files.arch
     if not arch_path.is_file():
-        raise UserError(f"{d} has no searched_arch.yaml: not a search run (prune.penalty=none); "
+        raise UserError(f"{d} has no {RunFiles.ARCH}: not a search run (prune.penalty=none); "
                         f"rerun with prune.penalty=seconds to get something to report")
     try:
-        cfg = load_config(d / "config.yaml")
+        cfg = load_config(files.config)
     except UserError as err:
         msg = str(err)  # name the file: a config error alone does not say which run it came from
-        raise UserError(msg if str(d / "config.yaml") in msg else f"{d / 'config.yaml'}: {msg}") from None
-    summary = _read_summary(d / "summary.json")
+        raise UserError(msg if str(files.config) in msg else f"{files.config}: {msg}") from None
+    summary = _read_summary(files.summary)
     supernet = build_model(cfg.model)
     searched = model_from_arch(load_arch_file(arch_path), source=str(arch_path))
     before, after = [n for n, _ in supernet.named_blocks()], [n for n, _ in searched.named_blocks()]
     if before != after:
-        raise UserError(f"{arch_path} does not match {d / 'config.yaml'} (different atomic blocks): "
+        raise UserError(f"{arch_path} does not match {files.config} (different atomic blocks): "
                         f"the two files come from different runs")
     profile, supernet_predicted_s = None, None
-    ckpt = d / "checkpoints" / "last.pt"
+    ckpt = files.last_checkpoint
     if ckpt.is_file():
         try:
             state = load_checkpoint(ckpt).get("search")
@@ -147,17 +148,13 @@ def load_run(run_dir: str | os.PathLike) -> Run:
             raise UserError(f"{reason}; the report reads the search's latency profile from it: restore the file "
                             f"or rerun the search") from None
         if state:
-            p = state["profile"]
-            if hasattr(LatencyProfile, "from_state_dict"):  # the curve-based profile restores itself
-                profile = LatencyProfile.from_state_dict(p, cfg.latency.cost)
-            else:
-                profile = LatencyProfile(float(p["network_s"]), dict(p["branch_s"]), dict(p["branch_width"]))
+            profile = LatencyProfile.from_state_dict(state["profile"], cfg.latency.cost)
             supernet_predicted_s = float(state["supernet_predicted_s"])
     if profile is None:
         print(f"note: {ckpt} holds no search state: predicted latencies are left out", file=sys.stderr)
-    shrinks = read_shrinks(d / "shrinks.jsonl")
+    shrinks = read_shrinks(files.shrinks)
     if summary.get("shrinks") not in (None, len(shrinks)):
-        print(f"note: {d / 'summary.json'} counts {summary['shrinks']} shrinks but {d / 'shrinks.jsonl'} holds "
+        print(f"note: {files.summary} counts {summary['shrinks']} shrinks but {files.shrinks} holds "
               f"{len(shrinks)}: the shrink history below is incomplete", file=sys.stderr)
     return Run(d, cfg, summary, supernet, searched, profile, supernet_predicted_s, shrinks)
 
@@ -176,15 +173,10 @@ def _without_branches(block: AtomicBlock) -> Iterator[None]:
 def predicted_block_s(profile: LatencyProfile, model: HRNet, source: str) -> dict[str, float]:
     """Predicted seconds each block's kernel branches add to ``model``, from the search's latency model.
 
-    Uses the profile's per-branch prediction (``branch_seconds``) where it has one; otherwise the drop in
-    ``predict_s`` when the block loses its branches. Either way the figures come from LatencyProfile itself,
+    The drop in ``predict_s`` when the block loses its branches: the figures come from LatencyProfile itself,
     not from a second copy of its cost rule, so they follow the latency model as it evolves.
     """
-    per_branch = getattr(profile, "branch_seconds", None)
     try:
-        if per_branch is not None:
-            return {name: sum(per_branch(branch_key(name, b.kernel), b.hidden) for b in block.branches)
-                    for name, block in model.named_blocks()}
         total = profile.predict_s(model)
         out = {}
         for name, block in model.named_blocks():
@@ -230,7 +222,7 @@ def build_report(run: Run, measure: bool = True) -> dict:
     models = {"before": run.supernet, "after": run.searched}
     predicted: dict[str, dict[str, float]] = {"before": {}, "after": {}}
     if run.profile is not None:
-        src = str(run.run_dir / "checkpoints" / "last.pt")
+        src = str(RunFiles(run.run_dir).last_checkpoint)
         predicted = {k: predicted_block_s(run.profile, m, src) for k, m in models.items()}
     measured: dict[str, dict[str, float]] = {"before": {}, "after": {}}
     device = None
@@ -290,14 +282,15 @@ def build_report(run: Run, measure: bool = True) -> dict:
 
 def write_schedule_png(run: Run) -> Path | None:
     """Plot the schedule from TensorBoard (or, without it, from shrinks.jsonl) into RUN_DIR/report_schedule.png."""
-    series = read_schedule(run.run_dir / "tb")
+    series = read_schedule(RunFiles(run.run_dir).tensorboard)
     if not series:
         series = schedule_from_shrinks(run.shrinks, _ms(run.supernet_predicted_s))
     if not series:
-        print(f"note: nothing to plot ({run.run_dir / 'tb'} has no prune/* scalars and the run never shrank)",
+        print(f"note: nothing to plot ({RunFiles(run.run_dir).tensorboard} has no prune/* scalars and the run "
+              "never shrank)",
               file=sys.stderr)
         return None
-    path = run.run_dir / PNG_NAME
+    path = RunFiles(run.run_dir).schedule_png
     plot_schedule(series, path, f"{run.run_dir.name}: penalty {run.cfg.prune.penalty}, latency on "
                                 f"{run.cfg.latency.device} at batch {run.cfg.latency.batch_size}",
                   supernet_measured_ms=run.summary.get("latency_ms_supernet"))

@@ -10,13 +10,12 @@ from pathlib import Path
 
 from dist_hrnas.errors import UserError
 from dist_hrnas.fileio import atomic_write
+from dist_hrnas.names import Tags
 
 Series = list[tuple[int, float]]
 
-TAG_PRUNED = "prune/seconds_pruned"
-TAG_PLANNED = "schedule/seconds_pruned_planned"
-TAG_PREDICTED = "prune/latency_ms_predicted"
-TAG_MEASURED = "prune/latency_ms_measured"
+TAG_PRUNED, TAG_PLANNED = Tags.SECONDS_PRUNED, Tags.PLANNED_PRUNED
+TAG_PREDICTED, TAG_MEASURED = Tags.LATENCY_PREDICTED, Tags.LATENCY_MEASURED
 SCHEDULE_TAGS = (TAG_PRUNED, TAG_PLANNED, TAG_PREDICTED, TAG_MEASURED)
 
 

@@ -11,6 +11,18 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 
+# Override lists shared by the tests (with configs/digits.yaml).
+# A 2-stage digits supernet: every test that trains or profiles stays within a few seconds.
+TINY_MODEL = ["model.stages=[[1,[1],[8]],[2,[1,1],[8,16]]]", "model.input_channel=[8,8]", "model.head_channels=[16,32]",
+              "model.last_channel=32", "model.kernel_sizes=[3,5]"]
+# ...trained for a handful of steps without a search.
+SMALL = [*TINY_MODEL, "data.image_size=16", "train.epochs=2", "train.max_steps_per_epoch=3", "train.log_every=1",
+         "log.progress=false", "prune.penalty=none"]
+# Strong penalty and a high threshold so a 2-epoch, 8-step run certainly shrinks.
+SEARCH = [*SMALL, "prune.penalty=seconds", "prune.rho=0.1", "prune.threshold=0.9", "prune.epoch_warmup=0",
+          "train.max_steps_per_epoch=4", "latency.warmup=1", "latency.repeats=3", "latency.batch_size=4",
+          "prune.bn_calibration_steps=2"]
+
 
 @pytest.fixture(autouse=True)
 def _restore_environment():

@@ -17,7 +17,7 @@ from dist_hrnas.errors import UserError
 from dist_hrnas.latency import LatencyProfile, branch_widths
 from dist_hrnas.models import build_model, count_macs, export_arch, model_from_arch
 from dist_hrnas.optim import ModelEma, build_optimizer, build_scheduler
-from dist_hrnas.prune import PruneRegistry
+from dist_hrnas.search.registry import PruneRegistry
 from tests.conftest import CONFIGS
 
 

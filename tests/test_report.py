@@ -11,8 +11,8 @@ import yaml
 from dist_hrnas import report, train
 from dist_hrnas.config import load_config
 from dist_hrnas.models import build_model
-from tests.conftest import CONFIGS, PYTHON, ROOT
-from tests.test_search import SEARCH
+from dist_hrnas.names import RunFiles
+from tests.conftest import CONFIGS, PYTHON, ROOT, SEARCH
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -77,7 +77,7 @@ def test_json_shrink_history_is_shrinks_jsonl(run_dir, json_report):
 
 
 def test_schedule_png_is_written(run_dir, json_report):
-    png = run_dir / report.PNG_NAME
+    png = run_dir / RunFiles.SCHEDULE_PNG
     assert json_report["schedule_png"] == str(png)
     data = png.read_bytes()
     assert len(data) > 0 and data[:8] == PNG_MAGIC
@@ -126,14 +126,14 @@ def test_markdown_out_file_links_png_relative_to_it(run_dir, tmp_path):
     assert report.main([str(run_dir), "--format", "markdown", "--no-measure", "--out", str(out)]) == 0
     text = out.read_text()
     link = text.split("![pruned-seconds schedule](")[1].split(")")[0]
-    assert (out.parent / link).resolve() == (run_dir / report.PNG_NAME).resolve()
+    assert (out.parent / link).resolve() == (run_dir / RunFiles.SCHEDULE_PNG).resolve()
 
 
 def test_runs_without_tensorboard_still_get_a_schedule(run_dir, tmp_path):
     copy = tmp_path / "run"
-    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("tb", report.PNG_NAME))
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("tb", RunFiles.SCHEDULE_PNG))
     assert report.main([str(copy), "--no-measure", "--out", str(tmp_path / "r.txt")]) == 0
-    assert (copy / report.PNG_NAME).read_bytes()[:8] == PNG_MAGIC
+    assert (copy / RunFiles.SCHEDULE_PNG).read_bytes()[:8] == PNG_MAGIC
 
 
 def _cli(args: list[str], env: dict) -> subprocess.CompletedProcess:

@@ -12,10 +12,8 @@ import torch
 
 from dist_hrnas import train
 from dist_hrnas.checkpoint import load_checkpoint
-from dist_hrnas.errors import NonFiniteLossError
 from dist_hrnas.models import export_arch, model_from_arch
-from tests.conftest import CONFIGS, PYTHON
-from tests.test_search import SEARCH
+from tests.conftest import CONFIGS, PYTHON, SEARCH
 
 THREE_EPOCHS = [*SEARCH, "train.epochs=3", "checkpoint.every_epochs=1"]
 
@@ -92,6 +90,7 @@ def test_non_finite_loss_stops_with_step_rank_and_last_good_checkpoint(tmp_path,
     assert hashlib.sha256(ckpt.read_bytes()).hexdigest() == digest["before"]
 
 
+@pytest.mark.slow
 def test_killed_rank_under_max_restarts_still_finishes_the_search(tmp_path, python_env):
     run_dir = tmp_path / "run"
     cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--max-restarts", "1",

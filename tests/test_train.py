@@ -11,12 +11,8 @@ from dist_hrnas.config import load_config
 from dist_hrnas.errors import UserError
 from dist_hrnas.metrics import read_scalars
 from dist_hrnas.models import build_model, export_arch, save_arch_file
-from tests.conftest import CONFIGS
+from tests.conftest import CONFIGS, SMALL
 
-# A 2-stage digits supernet and a handful of steps keep this under a few seconds.
-SMALL = ["model.stages=[[1,[1],[8]],[2,[1,1],[8,16]]]", "model.input_channel=[8,8]", "model.head_channels=[16,32]",
-         "model.last_channel=32", "model.kernel_sizes=[3,5]", "data.image_size=16", "train.epochs=2",
-         "train.max_steps_per_epoch=3", "train.log_every=1", "log.progress=false", "prune.penalty=none"]
 
 
 def test_short_run_writes_run_dir_summary_and_tensorboard(tmp_path):
@@ -61,7 +57,7 @@ def test_trains_an_architecture_file(tmp_path):
 def test_class_count_mismatch_is_clear(tmp_path):
     cfg = load_config(CONFIGS / "digits.yaml", [*SMALL, "model.num_classes=5", f"log.run_dir={tmp_path}"])
     with pytest.raises(UserError, match="10 classes but the model has 5: set model.num_classes=10"):
-        train.run(cfg, train.distributed.DistContext())
+        train.run(cfg, train.comm.DistContext())
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "rmsprop", "adamw"])

@@ -80,7 +80,7 @@ class AtomicBlock(nn.Module):
 
     ``widths[i]`` is the hidden width of the branch with kernel ``kernel_sizes[i]``. A block may have
     no branch at all: it is then its shortcut plus a learned per-channel constant (``bias``), which is
-    what an all-pruned block computes in eval mode (see :mod:`dist_hrnas.surgery`).
+    what an all-pruned block computes in eval mode (see :mod:`dist_hrnas.search.surgery`).
     """
 
     def __init__(self, in_ch: int, out_ch: int, stride: int, kernel_sizes: list[int], widths: list[int],

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dist_hrnas.models.probe import probe_forward
+
 
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
@@ -16,7 +18,6 @@ def count_macs(model: nn.Module, image_channels: int, image_size: int) -> dict[s
     conv: C_in * C_out * k_h * k_w * H_out * W_out / groups; linear: in * out.
     """
     macs: dict[str, int] = {}
-    hooks = []
 
     def hook(name: str):
         def fn(mod: nn.Module, _inp, out: torch.Tensor) -> None:
@@ -28,18 +29,9 @@ def count_macs(model: nn.Module, image_channels: int, image_size: int) -> dict[s
                 macs[name] = mod.in_features * mod.out_features
         return fn
 
-    for name, mod in model.named_modules():
-        if isinstance(mod, (nn.Conv2d, nn.Linear)):
-            hooks.append(mod.register_forward_hook(hook(name)))
-    was_training = model.training
-    model.eval()
-    try:
-        device = next(model.parameters()).device
-        model(torch.zeros(1, image_channels, image_size, image_size, device=device))
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
+    probe_forward(model, image_channels, image_size, lambda: [
+        mod.register_forward_hook(hook(name)) for name, mod in model.named_modules()
+        if isinstance(mod, (nn.Conv2d, nn.Linear))])
     return macs
 
 

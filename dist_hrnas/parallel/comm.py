@@ -1,4 +1,4 @@
-"""The one module that owns the process group. Everything else asks it (never ``torch.distributed``).
+"""The process group and its collectives. Everything else asks this module (never ``torch.distributed``).
 
 Reads what torchrun sets (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT). World size 1 creates no
 process group, so single-process runs take exactly the same code path with every collective a no-op.
@@ -131,23 +131,25 @@ def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     return tensor
 
 
-def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
+def _all_reduce(tensor: torch.Tensor, op: dist.ReduceOp, mean: bool = False) -> torch.Tensor:
+    """The one all-reduce every public wrapper goes through; identity without a process group."""
     if dist.is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        dist.all_reduce(tensor, op=op)
+        if mean:
+            tensor /= dist.get_world_size()
     return tensor
+
+
+def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
+    return _all_reduce(tensor, dist.ReduceOp.SUM)
 
 
 def all_reduce_max_(tensor: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return tensor
+    return _all_reduce(tensor, dist.ReduceOp.MAX)
 
 
 def all_reduce_mean_(tensor: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        tensor /= dist.get_world_size()
-    return tensor
+    return _all_reduce(tensor, dist.ReduceOp.SUM, mean=True)
 
 
 def all_gather_object(obj: object) -> list[object]:

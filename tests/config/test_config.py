@@ -8,7 +8,7 @@ import yaml
 
 from dist_hrnas import train
 from dist_hrnas.config import Config, ConfigError, describe_fields, load_config, save_config
-from tests.conftest import CONFIGS, PYTHON, ROOT
+from tests.conftest import CONFIGS, PYTHON
 
 
 def _error_line(capsys, argv: list[str]) -> str:

@@ -8,17 +8,12 @@ import torch
 
 from dist_hrnas import train
 from dist_hrnas.config import LatencyConfig, load_config
-from dist_hrnas.latency import Timer, block_input_shapes, measure_branches, op_signature, profile_on_rank0
+from dist_hrnas.latency import Timer, block_input_shapes, profile_on_rank0
+from dist_hrnas.latency.measure import measure_branches, op_signature
 from dist_hrnas.metrics import read_scalars, read_tags
 from dist_hrnas.models import build_model, count_params, load_arch_file, model_from_arch
-from dist_hrnas.search import flatten_masks, unflatten_masks
-from tests.conftest import CONFIGS
-from tests.test_train import SMALL
-
-# Strong penalty and a high threshold so a 2-epoch, 8-step run certainly shrinks.
-SEARCH = [*SMALL, "prune.penalty=seconds", "prune.rho=0.1", "prune.threshold=0.9", "prune.epoch_warmup=0",
-          "train.max_steps_per_epoch=4", "latency.warmup=1", "latency.repeats=3", "latency.batch_size=4",
-          "prune.bn_calibration_steps=2"]
+from dist_hrnas.search.masks import flatten_masks, unflatten_masks
+from tests.conftest import CONFIGS, SEARCH, SMALL
 
 
 @pytest.fixture(scope="module")

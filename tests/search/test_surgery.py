@@ -11,7 +11,7 @@ from torch import nn
 from dist_hrnas.config import TrainConfig, load_config
 from dist_hrnas.models import build_model, count_params, export_arch, model_from_arch
 from dist_hrnas.optim import ModelEma, build_optimizer
-from dist_hrnas.surgery import carry_optimizer_state, shrink_model
+from dist_hrnas.search.surgery import carry_optimizer_state, shrink_model
 from tests.conftest import CONFIGS
 
 TOL = 1e-5

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from dist_hrnas import config as schema
+from dist_hrnas.config import schema
 from dist_hrnas.errors import ConfigError
 
 class _Loader(yaml.SafeLoader):

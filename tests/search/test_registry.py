@@ -8,7 +8,7 @@ from dist_hrnas.config import PruneConfig, load_config
 from dist_hrnas.latency import LatencyProfile, branch_key, branch_widths
 from dist_hrnas.models import build_model, count_macs
 from dist_hrnas.optim import ModelEma
-from dist_hrnas.prune import PruneRegistry, normalised_penalties, rho_at, should_shrink
+from dist_hrnas.search.registry import PruneRegistry, normalised_penalties, rho_at, should_shrink
 from tests.conftest import CONFIGS
 
 

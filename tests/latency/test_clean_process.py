@@ -8,14 +8,13 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from dist_hrnas.clean_timing import CleanProcessTimer, _time_network, _wait, start_network_timer
+from dist_hrnas.latency.clean_process import CleanProcessTimer, _time_network, _wait, start_network_timer
 from dist_hrnas.config import load_config
 from dist_hrnas.errors import UserError
 from dist_hrnas.models import build_model
 from dist_hrnas.search import Search
-from dist_hrnas.surgery import shrink_model
-from tests.conftest import CONFIGS
-from tests.test_search import SEARCH
+from dist_hrnas.search.surgery import shrink_model
+from tests.conftest import CONFIGS, SEARCH
 
 
 def _cfg(*extra: str):
@@ -39,9 +38,9 @@ def test_each_network_is_timed_in_its_own_fresh_process():
 
 
 def test_children_are_new_processes_every_time(monkeypatch):
-    import dist_hrnas.clean_timing as clean_timing
+    import dist_hrnas.latency.clean_process as clean_process
 
-    monkeypatch.setattr(clean_timing, "_time_network", _pid)
+    monkeypatch.setattr(clean_process, "_time_network", _pid)
     timer = CleanProcessTimer(_cfg().latency, 16)
     timer._ctx = multiprocessing.get_context("spawn")             # the stand-in lives in this test module
     pids = {timer(build_model(_cfg().model)) for _ in range(2)}

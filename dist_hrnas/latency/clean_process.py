@@ -21,12 +21,12 @@ import multiprocessing
 from dataclasses import asdict
 from multiprocessing.connection import Connection
 
-from dist_hrnas import distributed
+from dist_hrnas.parallel import comm
 from dist_hrnas.config import LatencyConfig
 from dist_hrnas.errors import UserError
-from dist_hrnas.latency import measure_network
+from dist_hrnas.latency.measure import measure_network
 from dist_hrnas.models import HRNet, export_arch, model_from_arch
-from dist_hrnas.timing import make_timer
+from dist_hrnas.latency.timing import make_timer
 
 POLL_S = 2.0  # how often a waiting parent checks that the child is still alive
 
@@ -64,7 +64,7 @@ class CleanProcessTimer:
         method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
         self._ctx = multiprocessing.get_context(method)
         if method == "forkserver":  # the server imports torch once; each child is a cheap fork of it
-            self._ctx.set_forkserver_preload(["dist_hrnas.clean_timing"])
+            self._ctx.set_forkserver_preload(["dist_hrnas.latency.clean_process"])
         self.cfg_fields, self.image_size = asdict(cfg), image_size
         self.calls = 0
 
@@ -86,6 +86,6 @@ class CleanProcessTimer:
 def start_network_timer(cfg: LatencyConfig, image_size: int) -> CleanProcessTimer | None:
     """The clean-process timer on the rank that measures (global rank 0) when ``latency.clean_process`` is on
     and the target is this machine; None elsewhere (networks are then timed in-process, or not at all)."""
-    if not cfg.clean_process or cfg.lut_device or (distributed.is_initialized() and distributed.rank() != 0):
+    if not cfg.clean_process or cfg.lut_device or (comm.is_initialized() and comm.rank() != 0):
         return None
     return CleanProcessTimer(cfg, image_size)

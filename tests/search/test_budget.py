@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from dist_hrnas.budget import BranchChannels, BudgetSteer, PrunedSecondsPlan, RhoController, fit_masks_to_budget
+from dist_hrnas.search.budget import BranchChannels, BudgetSteer, PrunedSecondsPlan, RhoController, fit_masks_to_budget
 from dist_hrnas.config import PruneConfig
 
 
@@ -164,8 +164,7 @@ def test_the_last_fit_aims_inside_the_band_under_the_target():
 
 def _budget_search(run_dir, *extra: str) -> dict:
     from dist_hrnas import train
-    from tests.conftest import CONFIGS
-    from tests.test_search import SEARCH
+    from tests.conftest import CONFIGS, SEARCH
 
     argv = ["--config", str(CONFIGS / "digits.yaml"), *SEARCH, "prune.threshold=1e-3", "prune.rho=0.02",
             "train.epochs=4", "train.max_steps_per_epoch=5", "latency.repeats=7", *extra, f"log.run_dir={run_dir}"]
@@ -233,9 +232,11 @@ def test_a_shrink_the_latency_model_predicts_slower_is_refused(tmp_path):
     from dist_hrnas.config import load_config
     from dist_hrnas.metrics import read_scalars, make_writer
     from dist_hrnas.models import build_model
-    from dist_hrnas.search import Search, predict_after_masks
-    from tests.conftest import CONFIGS
-    from tests.test_search import SEARCH
+    from dist_hrnas.parallel.comm import DistContext
+    from dist_hrnas.parallel.rewrap import build_state
+    from dist_hrnas.search import Search, after_eval
+    from dist_hrnas.search.masks import predict_after_masks
+    from tests.conftest import CONFIGS, SEARCH
 
     cfg = load_config(CONFIGS / "digits.yaml", [*SEARCH, "prune.threshold=1e-3"])
     torch.manual_seed(0)
@@ -250,10 +251,12 @@ def test_a_shrink_the_latency_model_predicts_slower_is_refused(tmp_path):
     masks = search.registry.masks(model)
     assert predict_after_masks(search.profile, model, masks) > search.predicted_now_s
     writer = make_writer(tmp_path, True, True)
-    shrunk = search.after_eval(model, None, False, 3, 0, lambda *_: pytest.fail("must not rebuild"),
-                               lambda: [], writer)
+    state = build_state(cfg, DistContext(), model, 0.1, 10, None, step=3)
+    engine = state.engine
+    shrunk = after_eval(search, state, DistContext(), False, 0, lambda: [], writer)
     writer.close()
     assert not shrunk and search.shrinks == [] and entry.width == width
+    assert state.engine is engine  # nothing was re-wrapped
     assert read_scalars(tmp_path / "tb")["prune/shrink_refused"] == [(3, 1.0)]
     assert bool(bn.weight[: width // 2].ne(0).all())
 

@@ -13,14 +13,12 @@ import torch
 
 pytest.importorskip("deepspeed")
 
-from dist_hrnas.ds_engine import DeepSpeedEngine, deepspeed_config  # noqa: E402
+from dist_hrnas.parallel.deepspeed_engine import DeepSpeedEngine, deepspeed_config  # noqa: E402
 from dist_hrnas.errors import UserError  # noqa: E402
-from tests.conftest import CONFIGS  # noqa: E402
+from tests.conftest import CONFIGS, TINY_MODEL  # noqa: E402
 from tests.multirank import run_ranks  # noqa: E402
 
-SMALL = ["model.stages=[[1,[1],[8]],[2,[1,1],[8,16]]]", "model.input_channel=[8,8]", "model.head_channels=[16,32]",
-         "model.last_channel=32", "model.kernel_sizes=[3,5]", "train.optimizer=adamw", "train.lr=0.01",
-         "train.weight_decay=0.01", "model.dropout=0.0"]
+SMALL = [*TINY_MODEL, "train.optimizer=adamw", "train.lr=0.01", "train.weight_decay=0.01", "model.dropout=0.0"]
 LR = 0.01
 
 
@@ -34,7 +32,7 @@ def _setup(*overrides: str):
 
 
 def _engine(model, optimizer, rank: int, stage: int, accum: int = 1, **extra) -> DeepSpeedEngine:
-    from dist_hrnas.distributed import DistContext
+    from dist_hrnas.parallel.comm import DistContext
 
     ctx = DistContext(rank=rank, world_size=2, backend="gloo")
     return DeepSpeedEngine(model, optimizer, ctx, deepspeed_config({"zero_stage": stage, **extra}, 4 // accum,
@@ -75,7 +73,7 @@ def _shrink_rank(rank: int) -> dict:
     from deepspeed.utils import safe_get_full_optimizer_state
 
     from dist_hrnas.optim import build_optimizer
-    from dist_hrnas.surgery import carry_optimizer_state, shrink_model
+    from dist_hrnas.search.surgery import carry_optimizer_state, shrink_model
 
     out = {}
     for stage in (0, 1, 2):
@@ -118,6 +116,7 @@ def _shrink_rank(rank: int) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_optimizer_state_survives_shrink_and_rebuild_exactly_at_every_zero_stage():
     (s0, r0), (s1, r1) = run_ranks(_shrink_rank)
     assert s0 == s1 == "ok", (r0, r1)
@@ -135,7 +134,7 @@ def test_optimizer_state_survives_shrink_and_rebuild_exactly_at_every_zero_stage
 
 
 def _trajectories(rank: int) -> dict:
-    from dist_hrnas.engine import DDPEngine
+    from dist_hrnas.parallel.engine import DDPEngine
     from dist_hrnas.optim import build_optimizer
 
     out = {}
@@ -169,6 +168,7 @@ def _train_no_sync(engine, rank: int, steps: int, accum: int) -> None:
         engine.step()
 
 
+@pytest.mark.slow
 def test_deepspeed_trains_exactly_like_ddp_at_every_zero_stage_and_with_accumulation():
     """Same data, same optimizer: DeepSpeed (no clipping unless train.grad_clip_norm says so) == DDP."""
     (s0, r0), (s1, r1) = run_ranks(_trajectories)

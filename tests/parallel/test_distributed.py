@@ -13,11 +13,10 @@ from dist_hrnas.config import LatencyConfig, load_config
 from dist_hrnas.latency import Timer, branch_widths, profile_on_rank0
 from dist_hrnas.metrics import read_scalars, read_tags
 from dist_hrnas.models import build_model
-from dist_hrnas.search import broadcast_masks, check_same_on_all_ranks
-from dist_hrnas.surgery import shrink_model
-from tests.conftest import CONFIGS, PYTHON
+from dist_hrnas.search.shrink import broadcast_masks, check_same_on_all_ranks
+from dist_hrnas.search.surgery import shrink_model
+from tests.conftest import CONFIGS, PYTHON, SEARCH
 from tests.multirank import run_ranks
-from tests.test_search import SEARCH
 
 # Two ranks train at twice the learning rate (digits.yaml scales lr to the global batch): a milder penalty
 # over three epochs shrinks more than once, so the engine is rebuilt and checked more than once.
@@ -87,6 +86,7 @@ def _check_two_rank_run(run_dir) -> None:
         assert rec["arch_hash"]
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_ddp_search(tmp_path, python_env):
     run_dir = tmp_path / "run"
     proc = _torchrun(["--standalone", "--nproc_per_node", "2", "-m", "dist_hrnas.train", "--config",
@@ -102,6 +102,7 @@ def test_torchrun_two_ranks_ddp_search(tmp_path, python_env):
     assert len(list((run_dir / "tb").iterdir())) == 1     # only rank 0 writes events
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_torchrun_two_ranks_deepspeed_search(tmp_path, python_env, stage):
     pytest.importorskip("deepspeed")
@@ -120,6 +121,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_nodes_with_c10d_rendezvous_on_localhost(tmp_path, python_env):
     run_dir = tmp_path / "run"
     endpoint = f"127.0.0.1:{_free_port()}"

@@ -1,9 +1,9 @@
 """Latency on the target device: per kernel branch, end to end, and the per-channel cost the search uses
-(what to time; how to time it is :mod:`dist_hrnas.timing`).
+(what to time; how to time it is :mod:`dist_hrnas.latency.timing`).
 
 Only global rank 0 measures (so no other rank disturbs the timing); the others wait and receive the figures
 as one broadcast tensor (:func:`profile_on_rank0`). Each branch is timed at several widths (its latency
-curve, :mod:`dist_hrnas.latency_curve`); timings are cached per device in the LUT file (:mod:`dist_hrnas.lut`).
+curve, :mod:`dist_hrnas.latency.curve`); timings are cached per device in the LUT file (:mod:`dist_hrnas.latency.lut`).
 """
 from __future__ import annotations
 
@@ -17,37 +17,26 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from dist_hrnas import distributed
+from dist_hrnas.parallel import comm
 from dist_hrnas.config import LatencyConfig
 from dist_hrnas.errors import UserError
-from dist_hrnas.latency_curve import (Curve, LatencyProfile, branch_key, curve_value, marginal_s,  # noqa: F401
-                                      sample_widths)
-from dist_hrnas.lut import LatencyTable
+from dist_hrnas.latency.curve import Curve, LatencyProfile, branch_key, curve_value, sample_widths
+from dist_hrnas.latency.lut import LatencyTable
 from dist_hrnas.models import AtomicBlock, HRNet, export_arch, model_from_arch
 from dist_hrnas.models.blocks import KernelBranch
-from dist_hrnas.timing import (NoTiming, Timed, Timer, Timing, cpu_threads, make_timer,  # noqa: F401
-                               steady_cpu_allocator, target_device)
+from dist_hrnas.models.probe import probe_forward
+from dist_hrnas.latency.timing import Timed, Timer, cpu_threads, make_timer
 
 # Times a whole network's architecture end to end (clean_timing.CleanProcessTimer: in a fresh process)
 NetworkTimer = Callable[[HRNet], float]
 
 
-@torch.no_grad()
 def block_input_shapes(model: HRNet, image_size: int) -> dict[str, tuple[int, int, int]]:
     """(C, H, W) entering each atomic block, from one forward pass at the training resolution."""
     shapes: dict[str, tuple[int, int, int]] = {}
-    hooks = [block.register_forward_pre_hook(
+    probe_forward(model, model.spec.image_channels, image_size, lambda: [block.register_forward_pre_hook(
         lambda _m, args, name=name: shapes.__setitem__(name, tuple(args[0].shape[1:])))
-        for name, block in model.named_blocks()]
-    was_training = model.training
-    model.eval()
-    try:
-        device = next(model.parameters()).device
-        model(torch.zeros(1, model.spec.image_channels, image_size, image_size, device=device))
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
+        for name, block in model.named_blocks()])
     return shapes
 
 
@@ -93,7 +82,7 @@ def op_at_width(block: AtomicBlock, kernel: int, width: int) -> KernelBranch:
 
 def runner(module: nn.Module, x: torch.Tensor, cfg: LatencyConfig, device: torch.device) -> Callable[[], object]:
     if cfg.backend == "onnxruntime":
-        from dist_hrnas.onnx_timing import onnx_callable  # optional dependency, imported only when chosen
+        from dist_hrnas.latency.onnx_backend import onnx_callable  # optional dependency, imported only when chosen
         return onnx_callable(module, x, cfg.threads, device)
     module = module.to(device).eval()
     return lambda: module(x)
@@ -134,21 +123,12 @@ class BlockJoin(nn.Module):
         return y + self.bn(out)
 
 
-@torch.no_grad()
 def block_output_shapes(model: HRNet, image_size: int) -> dict[str, tuple[int, int, int]]:
     """(C, H, W) leaving each atomic block."""
     shapes: dict[str, tuple[int, int, int]] = {}
-    hooks = [block.register_forward_hook(lambda _m, _a, out, name=name: shapes.__setitem__(name, tuple(out.shape[1:])))
-             for name, block in model.named_blocks()]
-    was_training = model.training
-    model.eval()
-    try:
-        model(torch.zeros(1, model.spec.image_channels, image_size, image_size,
-                          device=next(model.parameters()).device))
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
+    probe_forward(model, model.spec.image_channels, image_size, lambda: [block.register_forward_hook(
+        lambda _m, _a, out, name=name: shapes.__setitem__(name, tuple(out.shape[1:])))
+        for name, block in model.named_blocks()])
     return shapes
 
 
@@ -277,7 +257,7 @@ def profile_on_rank0(model: HRNet, image_size: int, cfg: LatencyConfig, timer: T
     join_counts = {name: len(b.branches) for name, b in model.named_blocks() if b.branches}
     packed = torch.zeros(3 + sum(len(v) for v in samples.values()) + sum(join_counts.values()), dtype=torch.float64)
     error = None
-    if not distributed.is_initialized() or distributed.rank() == 0:
+    if not comm.is_initialized() or comm.rank() == 0:
         try:
             timer = make_timer(cfg) if cfg.lut_device or timer is None else timer
             table = LatencyTable.open(cfg, timer.device)  # once: a fingerprint mismatch warns once
@@ -287,13 +267,13 @@ def profile_on_rank0(model: HRNet, image_size: int, cfg: LatencyConfig, timer: T
             packed = LatencyProfile(network_s, branch_s, widths, curves, cfg.cost, fixed_s, joins,
                                     cfg.width_step).calibrated(model).to_tensor(keys)
         except UserError as err:
-            if not distributed.is_initialized():
+            if not comm.is_initialized():
                 raise
             error = str(err)
-    error = distributed.broadcast_object(error)
+    error = comm.broadcast_object(error)
     if error is not None:
         raise UserError(error)
-    distributed.broadcast_(packed, src=0)
+    comm.broadcast_(packed, src=0)
     return LatencyProfile.from_tensor(packed, keys, widths, samples, cfg.cost, join_counts, cfg.width_step)
 
 
@@ -301,7 +281,7 @@ def measure_network_on_rank0(model: nn.Module, image_size: int, cfg: LatencyConf
                              timer: Timer | None = None, network_timer: NetworkTimer | None = None) -> float:
     """End-to-end seconds measured by rank 0 (with ``network_timer`` when given) and broadcast to all ranks."""
     packed = torch.zeros(1, dtype=torch.float64)
-    if not distributed.is_initialized() or distributed.rank() == 0:
+    if not comm.is_initialized() or comm.rank() == 0:
         packed[0] = _time_network(model, image_size, cfg, timer or make_timer(cfg), network_timer)
-    distributed.barrier()
-    return distributed.broadcast_(packed, src=0).item()
+    comm.barrier()
+    return comm.broadcast_(packed, src=0).item()

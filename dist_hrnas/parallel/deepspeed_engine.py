@@ -1,4 +1,4 @@
-"""DeepSpeed (ZeRO stage 0, 1 or 2) behind the :class:`~dist_hrnas.engine.LocalEngine` interface.
+"""DeepSpeed (ZeRO stage 0, 1 or 2) behind the :class:`~dist_hrnas.parallel.engine.LocalEngine` interface.
 
 Like DDP, the engine is rebuilt after every shrink around the shrunk module and a fresh torch optimizer that
 may already hold (sliced) state. At stage 0 DeepSpeed steps that torch optimizer directly. At stage 1/2 ZeRO
@@ -26,8 +26,8 @@ from typing import Any, ContextManager
 import torch
 from torch import nn
 
-from dist_hrnas import distributed
-from dist_hrnas.engine import LocalEngine
+from dist_hrnas.parallel import comm
+from dist_hrnas.parallel.engine import LocalEngine
 from dist_hrnas.errors import UserError
 
 _HOOKS = ("module_forward_pre_hook", "module_forward_post_hook", "first_dataloader_check")
@@ -98,7 +98,7 @@ def deepspeed_config(ds_settings: dict, micro_batch: int, grad_accum: int, bf16:
 class DeepSpeedEngine(LocalEngine):
     """``deepspeed.initialize`` around the module and a torch optimizer whose existing state is kept exactly."""
 
-    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, ctx: distributed.DistContext,
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, ctx: comm.DistContext,
                  ds_config: dict):
         import deepspeed
 
@@ -274,5 +274,5 @@ def _gather_group_state(params: list[nn.Parameter], key: str, device: torch.devi
             fragment = p._hp_mapping.get_hp_fragment(key).detach().flatten()
             buffer.narrow(0, offset + address.start, address.numel).copy_(fragment.to(buffer.dtype))
         offset += size
-    distributed.all_reduce_sum_(buffer)
+    comm.all_reduce_sum_(buffer)
     return [part.view(p.shape).clone() for part, p in zip(buffer.split(sizes), params)]

@@ -1,7 +1,7 @@
 """Typed run configuration: one dataclass per section, each field documented, validated in ``__post_init__``.
 
 Every field carries its documentation in ``metadata["doc"]`` (``python -m dist_hrnas.train --help-config``
-prints them). Loading YAML and ``section.key=value`` overrides lives in :mod:`dist_hrnas.configio`.
+prints them). Loading YAML and ``section.key=value`` overrides lives in :mod:`dist_hrnas.config.loading`.
 """
 from __future__ import annotations
 
@@ -248,7 +248,7 @@ class LatencyConfig:
                                      "0 = warm caches. Whole networks are timed without it.")
     clean_process: bool = _f(True, "Time each whole network (the supernet, after every shrink) in a fresh child "
                                    "process, as in deployment: after training steps the same network ran 4-16 % "
-                                   "slower in the training process (see dist_hrnas/clean_timing.py). false = "
+                                   "slower in the training process (see dist_hrnas/latency/clean_process.py). false = "
                                    "time in the training process.")
     max_samples: int = _f(12, "At most about this many widths per branch curve (keeps profiling fast).")
     backend: str = _f("torch", "Runtime the ops are timed with: torch (eager) or onnxruntime (each op exported to "
@@ -332,14 +332,3 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-
-
-# Loading lives in its own module; re-exported so callers need only ``dist_hrnas.config``.
-from dist_hrnas.configio import (build_config, describe_fields, load_config, save_config,  # noqa: E402
-                                 yaml_load)
-
-__all__ = ["CheckpointConfig", "Config", "ConfigError", "DataConfig", "DistConfig", "LatencyConfig", "LogConfig",
-           "ModelConfig", "PruneConfig", "TrainConfig", "build_config", "describe_fields", "load_config",
-           "save_config", "yaml_load"]

@@ -14,17 +14,15 @@ from dist_hrnas import profile as profile_cli
 from dist_hrnas import train
 from dist_hrnas.config import PruneConfig, load_config
 from dist_hrnas.errors import ConfigError, UserError
-from dist_hrnas.latency import (NETWORK_ROUNDS, Timed, Timer, Timing, branch_key, curve_value, plan_branches,
-                                profile_on_rank0)
-from dist_hrnas.lut import LutMismatchWarning, read_lut_file
+from dist_hrnas.latency import Timed, Timer, Timing, branch_key, curve_value, profile_on_rank0
+from dist_hrnas.latency.measure import NETWORK_ROUNDS, plan_branches
+from dist_hrnas.latency.lut import LutMismatchWarning, read_lut_file
 from dist_hrnas.metrics import read_scalars
 from dist_hrnas.models import build_model, count_macs
-from dist_hrnas.prune import PruneRegistry, round_mask
-from dist_hrnas.surgery import shrink_model
-from tests.conftest import CONFIGS
+from dist_hrnas.search.registry import PruneRegistry, round_mask
+from dist_hrnas.search.surgery import shrink_model
+from tests.conftest import CONFIGS, SEARCH, SMALL
 from tests.multirank import run_ranks
-from tests.test_search import SEARCH
-from tests.test_train import SMALL
 
 FAST = ["latency.warmup=0", "latency.repeats=1", "latency.batch_size=2"]
 
@@ -268,7 +266,7 @@ def test_lut_device_needs_a_lut():
 def test_cpu_timing_fixes_the_allocator_thresholds_on_glibc():
     import platform
 
-    from dist_hrnas.timing import steady_cpu_allocator
+    from dist_hrnas.latency.timing import steady_cpu_allocator
 
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         pytest.skip("mallopt thresholds are a glibc feature")
@@ -292,7 +290,7 @@ def test_single_ops_are_timed_after_evicting_the_cache_networks_are_not():
 
 
 def test_prediction_is_calibrated_on_the_supernet_and_keeps_it_through_shrinks_and_checkpoints():
-    from dist_hrnas.latency_curve import LatencyProfile
+    from dist_hrnas.latency.curve import LatencyProfile
 
     cfg = small_cfg("latency.width_step=8")
     model, prof, _ = profile(cfg, StaircaseTimer(torch.device("cpu"), 0, 1))  # a network "takes" 1 ms

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from dist_hrnas import distributed
+from dist_hrnas.parallel import comm
 from dist_hrnas.config import Config
 
 
@@ -64,7 +64,7 @@ class DDPEngine(LocalEngine):
                  grad_clip_norm: float = 0.0):
         super().__init__(module, optimizer, grad_clip_norm)
         # forward_sync_buffers=False: rank 0's BN statistics would silently overwrite the others' each step;
-        # we all-reduce them before masks and validation instead (distributed.sync_bn_buffers_).
+        # we all-reduce them before masks and validation instead (comm.sync_bn_buffers_).
         self.ddp = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
                                            forward_sync_buffers=False)
 
@@ -80,14 +80,14 @@ class DDPEngine(LocalEngine):
 
 
 def make_engine(cfg: Config, module: nn.Module, optimizer: torch.optim.Optimizer,
-                ctx: distributed.DistContext) -> LocalEngine:
+                ctx: comm.DistContext) -> LocalEngine:
     """The engine ``dist.engine`` names; a plain one when there is a single process."""
     clip = cfg.train.grad_clip_norm
     if ctx.world_size == 1:
         return LocalEngine(module, optimizer, clip)
     if cfg.dist.engine == "ddp":
         return DDPEngine(module, optimizer, ctx.device, clip)
-    from dist_hrnas.ds_engine import DeepSpeedEngine, deepspeed_config  # deepspeed is an optional extra
+    from dist_hrnas.parallel.deepspeed_engine import DeepSpeedEngine, deepspeed_config  # deepspeed is an optional extra
 
     accum = cfg.train.grad_accum_steps
     ds_config = deepspeed_config(cfg.dist.deepspeed, cfg.train.batch_size_per_rank // accum, accum,

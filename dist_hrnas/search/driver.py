@@ -1,0 +1,157 @@
+"""The search's state for one run, and its decisions: the latency profile, the prune registry, rho and the L1
+penalty each step, and which channels a shrink takes. Executing a shrink is :mod:`dist_hrnas.search.shrink`.
+
+Identical on every rank: rank 0 measures (the profile is broadcast) and its masks are broadcast before surgery.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from dist_hrnas.config import Config
+from dist_hrnas.fileio import atomic_write_text
+from dist_hrnas.latency import (LatencyProfile, Timer, measure_network_on_rank0, profile_on_rank0,
+                                start_network_timer)
+from dist_hrnas.models import HRNet, count_macs
+from dist_hrnas.names import RunFiles
+from dist_hrnas.search.budget import BudgetSteer, branch_channels, full_masks
+from dist_hrnas.search.masks import (Masks, dead_channels, keep_branches_that_would_slow_down, predict_after_masks,
+                                     smallest_predicted_s)
+from dist_hrnas.search.registry import PruneRegistry, rho_at, should_shrink
+
+# At the last epoch a budget search shrinks again while the measured latency is above the target. Each
+# corrective shrink is sized on the safe side (see BudgetSteer), so it may take a few.
+LAST_EPOCH_ATTEMPTS = 5
+
+# prune/shrink_refused values: why a shrink kept channels or did not happen
+REFUSED_BRANCH_SLOWER = 1   # some branches keep their channels: narrower would run slower (a staircase step)
+REFUSED_NETWORK_SLOWER = 2  # the whole shrink is refused: the network would not get faster
+
+
+class Search:
+    """Search state for one run; identical on every rank (rank 0 measures and decides, others receive)."""
+
+    def __init__(self, cfg: Config, model: HRNet, image_size: int, run_dir: Path, timer: Timer | None = None,
+                 saved: dict | None = None):
+        """Measure (rank 0) and build the registry, or restore both from a checkpoint's ``saved`` state."""
+        self.cfg, self.image_size, self.files, self.timer = cfg, image_size, RunFiles(Path(run_dir)), timer
+        self.enabled = cfg.prune.penalty != "none"
+        # A run that times for real (no injected timer) times whole networks in clean processes.
+        self.network_timer = start_network_timer(cfg.latency, image_size) if timer is None else None
+        if saved is None:
+            self.profile = profile_on_rank0(model, image_size, cfg.latency, timer, progress=cfg.log.progress,
+                                            network_timer=self.network_timer)
+            macs = count_macs(model, model.spec.image_channels, image_size)
+            self.registry = PruneRegistry.build(cfg.prune, model, macs, self.profile)
+            self.latency_ms_supernet = self.profile.network_s * 1e3
+            self.supernet_predicted_s = self.profile.predict_s(model)
+            self.latency_ms_measured = self.latency_ms_supernet
+            self.shrinks: list[dict] = []
+        else:
+            self.profile = LatencyProfile.from_state_dict(saved["profile"], cfg.latency.cost)
+            self.registry = PruneRegistry.from_state_dict(cfg.prune, saved["registry"])
+            self.latency_ms_supernet = saved["latency_ms_supernet"]
+            self.supernet_predicted_s = saved["supernet_predicted_s"]
+            self.latency_ms_measured = saved["latency_ms_measured"]
+            self.shrinks = list(saved["shrinks"])
+        self.pairs = self.registry.bns(model)
+        self.start_logged = saved is not None  # a resumed run logged its start already
+        self.predicted_now_s = self.profile.predict_s(model)
+        self.budget: BudgetSteer | None = None
+        if self.enabled and cfg.prune.has_budget:
+            self.budget = BudgetSteer(cfg.prune, cfg.train.epochs, self.latency_ms_supernet / 1e3,
+                                      self.supernet_predicted_s,
+                                      smallest_predicted_s(self.profile, model, self.registry.entries),
+                                      where=f"{cfg.latency.device} at batch {cfg.latency.batch_size}")
+            if saved is not None and saved.get("budget"):
+                self.budget.load_state_dict(saved["budget"])
+
+    def state_dict(self) -> dict:
+        """Plain data for the checkpoint (resuming measures nothing)."""
+        return {"profile": self.profile.state_dict(),
+                "registry": self.registry.state_dict(), "latency_ms_supernet": self.latency_ms_supernet,
+                "supernet_predicted_s": self.supernet_predicted_s, "latency_ms_measured": self.latency_ms_measured,
+                "shrinks": list(self.shrinks), "budget": self.budget.state_dict() if self.budget else None}
+
+    def rewrite_shrink_log(self) -> None:
+        """Make ``shrinks.jsonl`` hold exactly the shrinks this state knows (used when resuming)."""
+        atomic_write_text(self.files.shrinks, "".join(json.dumps(r) + "\n" for r in self.shrinks))
+
+    # ---- per step
+    def rho(self, epoch_float: float) -> float:
+        """rho for this step: the warm-up schedule, or with a budget the controller's (the same on every rank:
+        it only reads the scales, which data parallelism keeps identical, and rank 0's profile)."""
+        if not self.enabled:
+            return 0.0
+        if self.budget is None:
+            return rho_at(self.cfg.prune, epoch_float)
+        return self.budget.rho(epoch_float, self.seconds_pruned_now())
+
+    @torch.no_grad()
+    def seconds_pruned_now(self) -> float:
+        """Predicted seconds gone since the supernet: removed by shrinks plus dead right now."""
+        thr = self.cfg.prune.threshold
+        dead_s = sum(int((bn.weight.abs() <= thr).sum()) * e.seconds_per_channel for e, bn in self.pairs)
+        return self.supernet_predicted_s - (self.predicted_now_s - dead_s)
+
+    def penalty(self, rho: float) -> torch.Tensor | None:
+        """rho * sum_b penalty_b * sum |gamma_b|, or None when there is nothing to add."""
+        if not self.enabled or rho == 0.0 or not self.pairs:
+            return None
+        return rho * self.registry.l1_loss(self.pairs)
+
+    def predicted_ms(self, model: HRNet) -> float:
+        return self.profile.predict_s(model) * 1e3
+
+    # ---- per evaluation: decisions (executing them is search.shrink)
+    @property
+    def active(self) -> bool:
+        """Whether shrinks may still happen (a met budget ends them)."""
+        return self.enabled and not (self.budget is not None and self.budget.done)
+
+    def attempts(self, last_epoch: bool) -> int:
+        """How many shrinks one evaluation may make (corrective shrinks at a budget's last epoch)."""
+        return LAST_EPOCH_ATTEMPTS if self.budget is not None and last_epoch else 1
+
+    def proposed_masks(self, model: HRNet, ema_model: HRNet | None, last_epoch: bool) -> Masks:
+        """Channels whose scale (or EMA scale) is above the threshold; at the last epoch the EMA alone decides."""
+        return self.registry.masks(model, ema_model, ema_only=last_epoch and ema_model is not None)
+
+    def fit_to_budget(self, model: HRNet, masks: Masks, epoch: int, last_epoch: bool) -> Masks:
+        """With a budget: the masks fitted to it (a shrink aims at the target); else ``masks`` as they are."""
+        if self.budget is None:
+            return masks
+        masks = full_masks(model, masks)
+        self.budget.fit(masks, branch_channels(model, self.pairs), self.predicted_now_s, epoch + 1.0, last_epoch,
+                        predict=lambda m: predict_after_masks(self.profile, model, m))
+        return masks
+
+    def review(self, model: HRNet, masks: Masks, last_epoch: bool) -> tuple[bool, list[int]]:
+        """(shrink now?, refusal codes) for rank 0's broadcast ``masks``; branches whose narrower width would
+        run slower keep their channels (edits ``masks``)."""
+        refused = [REFUSED_BRANCH_SLOWER] if keep_branches_that_would_slow_down(self.profile, model, masks) else []
+        if not should_shrink(self.cfg.prune, self.registry.pruned_seconds(model, masks), dead_channels(masks),
+                             last_epoch):
+            return False, refused
+        if predict_after_masks(self.profile, model, masks) >= self.predicted_now_s:
+            # the latency model says this shrink would not make the network faster (a staircase step):
+            # keep the channels, the penalty goes on and a later shrink takes more
+            return False, refused + [REFUSED_NETWORK_SLOWER]
+        return True, refused
+
+    # ---- after a shrink
+    def after_surgery(self, model: HRNet) -> None:
+        """Registry, BN pairs and the cached prediction follow the shrunk model."""
+        self.registry.update_after_shrink(model, self.profile)
+        self.pairs = self.registry.bns(model)
+        self.predicted_now_s = self.profile.predict_s(model)
+
+    def end_to_end_ms(self, model: HRNet) -> float:
+        """The network's latency on the target: measured (rank 0), or when the target is another machine
+        (``latency.lut_device``) the supernet's figure from there scaled by the latency model."""
+        if self.cfg.latency.lut_device:
+            return self.latency_ms_supernet * self.predicted_now_s / self.supernet_predicted_s
+        return measure_network_on_rank0(model, self.image_size, self.cfg.latency, self.timer,
+                                        self.network_timer) * 1e3
