@@ -3,12 +3,17 @@
 Per config (``configs/digits.yaml`` and ``configs/hrnas_imagenet.yaml``): build the LUT (branch curves +
 fixed part), then for the supernet and ``--levels`` random shrinks (every branch keeps a random share of its
 channels, some none) compare the predicted end-to-end latency (fixed part + each branch's curve at its width)
-with the measured one (each network timed in a fresh process, as a search does with latency.clean_process;
-the prediction is calibrated on the supernet, measured separately first). ``ops_within_10pct``: re-time
-``--ops`` LUT entries and count those within +-10% of their LUT value (repeatability of the single-op numbers
-the penalty is built from).
+with the measured one (each network timed in a fresh process, as a search does with latency.clean_process).
+The model is the one a search builds (``profile_on_rank0``: per-op sum calibrated on the supernet and
+``latency.calibration_networks`` sampled sub-networks); the random shrinks here are held out of that fit.
+``ops_within_10pct``: re-time ``--ops`` LUT entries and count those within +-10% of their LUT value.
 
-Usage: ``python bench/latency_accuracy.py [--configs digits imagenet] [--levels 4] [--ops 40] [--out FILE]``
+``--trajectory``: run real digits searches (a rho run and a 0.5 budget run at batch 32, a rho run at batch 1) and
+re-time every shrink's network afterwards (bench/retime.py: fresh processes, interleaved rounds); report the
+error of each shrink's prediction against that figure (``trajectory``).
+
+Usage: ``python bench/latency_accuracy.py [--configs digits imagenet] [--levels 4] [--ops 40] [--trajectory]
+[--out FILE]``
 """
 from __future__ import annotations
 
@@ -29,11 +34,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-from dist_hrnas.latency.clean_process import CleanProcessTimer  # noqa: E402
+from bench.retime import retimed_run  # noqa: E402
 from dist_hrnas.config import load_config  # noqa: E402
-from dist_hrnas.latency import (LatencyProfile, Timed, branch_widths, cpu_threads, curve_value,  # noqa: E402
-                                make_timer)
-from dist_hrnas.latency.measure import lut_profile, op_at_width, plan_branches, runner  # noqa: E402
+from dist_hrnas.latency import CleanProcessTimer, Timed, cpu_threads, make_timer, profile_on_rank0  # noqa: E402
+from dist_hrnas.latency.measure import op_at_width, plan_branches, runner  # noqa: E402
 from dist_hrnas.models import build_model, export_arch, model_from_arch  # noqa: E402
 from dist_hrnas.search.surgery import shrink_model  # noqa: E402
 
@@ -86,18 +90,14 @@ def bench_config(name: str, levels: int, n_ops: int, seed: int) -> dict:
         cfg = load_config(path, [*extra, f"latency.lut={tmp}/lut.json"])
         model = build_model(cfg.model)
         timer = make_timer(cfg.latency)
+        # Networks are timed as a search times them (latency.clean_process): each in a fresh child process, so
+        # this process stays as it was when it built the LUT (it re-times ops at the end).
+        network_s = CleanProcessTimer(cfg.latency, cfg.data.image_size)
         start = time.perf_counter()
-        curves, fixed_s, joins = lut_profile(model, cfg.data.image_size, cfg.latency, timer)
+        # what a search does at its start: the LUT, the supernet and the calibration networks, the fit
+        profile = profile_on_rank0(model, cfg.data.image_size, cfg.latency, timer, network_timer=network_s)
         build_s = time.perf_counter() - start
-    widths = branch_widths(model)
-    # Networks are timed as a search times them (latency.clean_process): each in a fresh child process, so
-    # this process stays as it was when it built the LUT (it re-times ops at the end).
-    network_s = CleanProcessTimer(cfg.latency, cfg.data.image_size)
-    # What a search does at its start: time the supernet end to end once and calibrate the prediction on it
-    # (LatencyProfile.context_s). The supernet row below is a separate measurement: its error is repeat noise.
-    supernet_s = network_s(model)
-    profile = LatencyProfile(supernet_s, {k: curve_value(curves[k], widths[k]) for k in widths}, widths, curves,
-                             cfg.latency.cost, fixed_s, joins, cfg.latency.width_step).calibrated(model)
+    curves = profile.curves
     rng = random.Random(seed)
     rows = []
     shares = [0.8 - 0.6 * i / max(1, levels - 1) for i in range(levels)]  # 0.8 .. 0.2 of the channels
@@ -107,7 +107,7 @@ def bench_config(name: str, levels: int, n_ops: int, seed: int) -> dict:
         # Measured: the shrunk architecture (what searched_arch.yaml holds), built afresh in a clean process.
         net = model_from_arch(export_arch(shrunk))
         predicted = profile.predict_s(net)
-        ops_only = predicted - profile.context_s
+        ops_only = sum(profile.parts(net).values())
         measured = network_s(net)
         rows.append({"keep": round(share, 3), "align": align,
                      "channels": sum(sum(b.widths) for _, b in net.named_blocks()),
@@ -125,11 +125,57 @@ def bench_config(name: str, levels: int, n_ops: int, seed: int) -> dict:
             "ops_within_10pct": round(within, 3), "ops_median_retimed_over_lut": round(ratio, 3),
             "shrunk_median_abs_error_pct": round(statistics.median(shrunk), 2),
             "ops_only_median_abs_error_pct": round(statistics.median(ops_only), 2),
-            "context_ms": round(profile.context_s * 1e3, 3),
+            "calibration_coef": {k: round(v, 4) for k, v in profile.calibration.coef.items()},
+            "calibration_fit_errors_pct": [round(e, 2) for e in profile.calibration.errors_pct()],
             "any_width_median_abs_error_pct": round(statistics.median(free), 2),
             "any_width_max_abs_error_pct": round(max(free), 2),
             "lut_build_s": round(build_s, 1), "batch_size": cfg.latency.batch_size, "image_size": cfg.data.image_size,
             "cost": cfg.latency.cost, "repeats": cfg.latency.repeats, "levels": rows}
+
+
+# The three searches of the trajectory (a rho run and a 0.5 budget run at batch 32, a rho run at batch 1), and the
+# other budgets whose landing is checked the same way (re-timed afterwards in fresh processes).
+TRAJECTORY_RUNS = {"rho_b32": ["latency.batch_size=32"],
+                   "budget0.5_b32": ["latency.batch_size=32", "prune.target_ratio=0.5"],
+                   "rho_b1": ["latency.batch_size=1"]}
+BUDGET_RUNS = {"budget0.7_b32": ["latency.batch_size=32", "prune.target_ratio=0.7"],
+               "budget0.35_b32": ["latency.batch_size=32", "prune.target_ratio=0.35"],
+               "budget0.7_b1": ["latency.batch_size=1", "prune.target_ratio=0.7"]}
+
+
+def trajectory(work: Path) -> dict:
+    """Three real digits searches; every shrink's prediction against its network re-timed afterwards."""
+    import subprocess
+
+    out, errors, budgets = {}, [], {}
+    # training may use every core (its speed is not what is measured); timing stays at latency.threads
+    env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
+    for name, extra in {**TRAJECTORY_RUNS, **BUDGET_RUNS}.items():
+        run_dir = work / name
+        if not (run_dir / "summary.json").exists():
+            cmd = [sys.executable, "-m", "dist_hrnas.train", "--config", str(ROOT / "configs" / "digits.yaml"),
+                   *extra, "log.progress=false", "checkpoint.resume=never", f"log.run_dir={run_dir}"]
+            subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True, env=env)
+        retimed = retimed_run(run_dir)
+        summary = json.loads((run_dir / "summary.json").read_text())
+        retimed["summary"] = {k: summary.get(k) for k in ("val_top1", "shrinks", "latency_ms_supernet",
+                                                          "latency_ms_searched", "target_latency_ms", "wall_time_s",
+                                                          "candidate_timing_s", "candidate_networks_timed")}
+        if name in TRAJECTORY_RUNS:
+            errors += [abs(r["error_pct"]) for r in retimed["shrinks"]]
+        if summary.get("target_latency_ms") and retimed["shrinks"]:
+            final = retimed["shrinks"][-1]["retimed_ms_after"]
+            budgets[name] = {"target_ms": summary["target_latency_ms"], "retimed_final_ms": final,
+                             "vs_target_pct": round(100 * (final / summary["target_latency_ms"] - 1), 2),
+                             "run_reported_vs_target_pct": summary.get("latency_vs_target_pct")}
+        out[name] = retimed
+    out["median_abs_error_pct"] = round(statistics.median(errors), 2) if errors else None
+    out["max_abs_error_pct"] = round(max(errors), 2) if errors else None
+    out["shrinks"] = len(errors)
+    out["budgets"] = budgets
+    out["shrinks_raising_measured_latency"] = sum(r["raises_latency"] for k, v in out.items() if isinstance(v, dict)
+                                                  and "shrinks" in v for r in v["shrinks"])
+    return out
 
 
 def main() -> None:
@@ -139,11 +185,15 @@ def main() -> None:
     parser.add_argument("--ops", type=int, default=40, help="LUT ops re-timed for ops_within_10pct")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="also write the JSON here")
+    parser.add_argument("--trajectory", action="store_true", help="also run and re-time three digits searches")
+    parser.add_argument("--work", default=str(ROOT / "bench" / "results" / "tmp" / "trajectory"))
     args = parser.parse_args()
     result = {"machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
                           "cores": os.cpu_count(), "load_avg_1m_at_start": round(os.getloadavg()[0], 2)}}
     for name in args.configs:
         result[name] = bench_config(name, args.levels, args.ops, args.seed)
+    if args.trajectory:
+        result["trajectory"] = trajectory(Path(args.work))
     result["machine"]["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)  # other jobs inflate timings
     text = json.dumps(result, indent=2)
     print(text)

@@ -8,6 +8,9 @@ to ``bench/results/overhead.json``.
     Target <= 2 s.
 (c) ``two_rank_speedup``: plain training throughput of 2 gloo ranks over 1 rank (one thread per process,
     same per-rank batch). Target >= 1.6.
+(d) ``candidate_timing_share``: a default digits search (``configs/digits.yaml``, one process): the seconds it
+    spent timing candidate networks before its shrinks (summary.json ``candidate_timing_s``) over its wall
+    time. Target <= 0.10.
 
 Usage: ``python bench/overhead.py [--rounds N] [--steps N] [--out FILE]``
 """
@@ -90,7 +93,8 @@ def _shrink_rank(rank: int, engine: str) -> dict:
     from dist_hrnas.parallel import comm
     from dist_hrnas.models import build_model
     from dist_hrnas.parallel.rewrap import build_state, rewrap
-    from dist_hrnas.search.shrink import broadcast_masks, check_same_on_all_ranks
+    from dist_hrnas.search.masks import broadcast_masks
+    from dist_hrnas.search.shrink import check_same_on_all_ranks
     from dist_hrnas.search.surgery import carry_optimizer_state, shrink_model
 
     cfg = load_config(IMAGENET, [*QUIET, f"dist.engine={engine}", "dist.deepspeed.zero_stage=2"])
@@ -156,6 +160,21 @@ def scaling(steps: int) -> dict:
             "threads_per_rank": 1, "target_min": 1.6}
 
 
+def candidate_timing(work: Path) -> dict:
+    """(d): one default digits search, measured shrinks and all; what deciding by measurement cost it."""
+    import subprocess
+
+    run_dir = work / "digits_search"
+    cmd = [sys.executable, "-m", "dist_hrnas.train", "--config", str(DIGITS), "log.progress=false",
+           "checkpoint.resume=never", f"log.run_dir={run_dir}"]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return {"candidate_timing_s": summary["candidate_timing_s"], "candidate_networks_timed":
+            summary["candidate_networks_timed"], "digits_search_wall_s": summary["wall_time_s"],
+            "candidate_timing_share": round(summary["candidate_timing_s"] / summary["wall_time_s"], 3),
+            "candidate_timing_target_max": 0.10}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -167,6 +186,8 @@ def main() -> None:
     result |= search_step_ratio(args.steps, args.rounds)
     result |= shrink_time()
     result |= scaling(args.steps)
+    with tempfile.TemporaryDirectory() as tmp:
+        result |= candidate_timing(Path(tmp))
     from dist_hrnas.fileio import atomic_write_json
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
+from bench.retime import retimed_run  # noqa: E402
 from dist_hrnas.config import LatencyConfig  # noqa: E402
 from dist_hrnas.latency import Timer, measure_network  # noqa: E402
 from dist_hrnas.models import load_arch_file, model_from_arch  # noqa: E402
@@ -112,16 +113,11 @@ def plot(target: str, batch: int, runs: list[dict], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def count_latency_increases(run_dir: Path, supernet_ms: float) -> tuple[int, int]:
-    """Shrinks whose measured latency came out above the one before (monotonic-shrinking check)."""
-    before, rises, total = supernet_ms, 0, 0
-    log = run_dir / "shrinks.jsonl"
-    for line in (log.read_text().splitlines() if log.exists() else []):  # no file: the run never shrank
-        after = json.loads(line)["latency_ms_measured_after"]
-        rises += after > before
-        total += 1
-        before = after
-    return rises, total
+def count_latency_increases(run_dir: Path) -> tuple[int, int]:
+    """Shrinks whose network, re-timed afterwards (fresh processes, interleaved rounds: bench/retime.py), is more
+    than 2 % slower than the network before it (the monotonic-shrinking check)."""
+    rows = retimed_run(run_dir)["shrinks"]
+    return sum(r["raises_latency"] for r in rows), len(rows)
 
 
 def main() -> None:
@@ -141,7 +137,7 @@ def main() -> None:
             for rho in rhos:
                 run_dir = Path(args.work) / f"{target}_{mode}_{rho}"
                 summary = run_search(mode, rho, batch, args.epochs, run_dir)
-                r, t = count_latency_increases(run_dir, summary["latency_ms_supernet"])
+                r, t = count_latency_increases(run_dir)
                 rises, total = rises + r, total + t
                 runs.append({"penalty": mode, "rho": rho, "val_top1": summary["val_top1"],
                              "params": summary["params_searched"], "macs": summary["macs_searched"],

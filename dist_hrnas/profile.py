@@ -33,10 +33,21 @@ def build_lut(cfg, progress: bool = True, timer: Timer | None = None) -> dict:
             "joins_timed": timer.counts.get("join", 0),
             "branches": len(profile.branch_s), "curve_points": sum(len(c) for c in profile.curves.values()),
             "latency_ms_predicted": round(profile.predict_s(model) * 1e3, 4),
-            # the ops alone (predicted minus the context part that calibrates it on the measured supernet)
-            "latency_ms_ops_only": round((profile.predict_s(model) - profile.context_s) * 1e3, 4),
+            # the ops alone: the per-op sum before its calibration on whole networks
+            "latency_ms_ops_only": round(sum(profile.parts(model).values()) * 1e3, 4),
             "latency_ms_measured": round(profile.network_s * 1e3, 4),
+            **calibration_summary(profile),
             "wall_time_s": round(time.perf_counter() - start, 3)}
+
+
+def calibration_summary(profile) -> dict:
+    """How the whole-network calibration fits the networks it was fitted on."""
+    cal = profile.calibration
+    errors = sorted(abs(e) for e in cal.errors_pct()) if cal is not None and cal.fitted else []
+    return {"calibration_networks": len(cal.points) if cal is not None else 0,
+            "calibration_coef": {k: round(v, 4) for k, v in cal.coef.items()} if errors else {},
+            "calibration_median_abs_error_pct": round(errors[len(errors) // 2], 2) if errors else None,
+            "calibration_max_abs_error_pct": round(errors[-1], 2) if errors else None}
 
 
 @exits_cleanly_on_user_error

@@ -19,7 +19,7 @@ shrink history (``shrinks.jsonl``). The pruned-seconds schedule is drawn into ``
                        hidden_channels_before, hidden_channels_after,
                        latency_ms_predicted_before, latency_ms_predicted_after,   (whole network, latency model)
                        latency_ms_predicted_fixed    (the part no shrink changes: stem, shortcuts, fuse, head),
-                       latency_ms_predicted_context  (what ops timed alone miss; calibrated on the supernet),
+                       latency_ms_predicted_context  (the supernet offset; 0 with a whole-network calibration),
                        latency_ms_measured_before, latency_ms_measured_after,     (end to end, during the search)
                        latency_ms_blocks_measured_before, latency_ms_blocks_measured_after,  (sums of the rows)
                        val_top1, shrinks}
@@ -260,10 +260,10 @@ def build_report(run: Run, measure: bool = True) -> dict:
         "hidden_channels_after": sum(sum(r["widths_after"]) for r in blocks),
         "latency_ms_predicted_before": _ms(run.supernet_predicted_s),
         "latency_ms_predicted_after": s.get("latency_ms_searched_predicted"),
-        # What no shrink changes (stem, shortcuts, fuse sums, head conv, classifier) and what the ops timed one
-        # by one miss of the measured supernet: blocks + fixed + context = predicted.
-        "latency_ms_predicted_fixed": _ms(run.profile.fixed_s) if run.profile is not None else None,
-        "latency_ms_predicted_context": _ms(run.profile.context_s) if run.profile is not None
+        # What no shrink changes (stem, shortcuts, fuse sums, head conv, classifier) and, without a fitted
+        # whole-network calibration, the supernet's offset: blocks + fixed + context = predicted.
+        "latency_ms_predicted_fixed": _ms(run.profile.fixed_part_s()) if run.profile is not None else None,
+        "latency_ms_predicted_context": _ms(run.profile.context_part_s()) if run.profile is not None
         else None,
         "latency_ms_measured_before": s.get("latency_ms_supernet"),
         "latency_ms_measured_after": s.get("latency_ms_searched"),

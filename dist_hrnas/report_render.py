@@ -151,7 +151,7 @@ def _total_rows(t: dict) -> list[list[str]]:
             row("latency predicted, ms (latency model)", "latency_ms_predicted", ".3f"),
             [" of which fixed (stem, shortcuts, fuse, head)", _num(t["latency_ms_predicted_fixed"], ".3f"),
              _num(t["latency_ms_predicted_fixed"], ".3f"), ""],
-            [" of which context (ops timed alone miss it; from the supernet)",
+            [" of which context (supernet offset; 0 with a whole-network calibration)",
              _num(t.get("latency_ms_predicted_context"), ".3f"), _num(t.get("latency_ms_predicted_context"), ".3f"),
              ""],
             row("latency measured, ms (end to end, in the search)", "latency_ms_measured", ".3f"),

@@ -328,7 +328,10 @@ def write_summary(job: Job, top1: float, val_loss: float, wall_s: float) -> dict
                     "latency_ms_searched_predicted": round(search.predicted_ms(model), 4),
                     "params_searched": count_params(model),
                     "macs_searched": sum(count_macs(model, data.channels, data.image_size).values()),
-                    "latency_device": cfg.latency.device, "latency_batch_size": cfg.latency.batch_size}
+                    "latency_device": cfg.latency.device, "latency_batch_size": cfg.latency.batch_size,
+                    # what deciding shrinks by measurement cost (rank 0, this run): networks timed, seconds
+                    "candidate_networks_timed": search.candidate_networks_timed,
+                    "candidate_timing_s": round(search.candidate_timing_s, 2)}
         if search.budget is not None:
             target_ms = search.budget.target_s * 1e3
             summary |= {"target_latency_ms": round(target_ms, 4), "budget_met": search.budget.done,

@@ -21,7 +21,7 @@ SMALL = [*TINY_MODEL, "data.image_size=16", "train.epochs=2", "train.max_steps_p
 # Strong penalty and a high threshold so a 2-epoch, 8-step run certainly shrinks.
 SEARCH = [*SMALL, "prune.penalty=seconds", "prune.rho=0.1", "prune.threshold=0.9", "prune.epoch_warmup=0",
           "train.max_steps_per_epoch=4", "latency.warmup=1", "latency.repeats=3", "latency.batch_size=4",
-          "prune.bn_calibration_steps=2"]
+          "prune.bn_calibration_steps=2", "latency.calibration_networks=4"]
 
 
 @pytest.fixture(autouse=True)

@@ -194,7 +194,7 @@ def test_predicted_blocks_plus_fixed_is_the_profile_prediction(run_dir):
     run = report.load_run(run_dir)
     for model in (run.supernet, run.searched):
         blocks = report.predicted_block_s(run.profile, model, "test")
-        assert sum(blocks.values()) + run.profile.fixed_s + run.profile.context_s == pytest.approx(
+        assert sum(blocks.values()) + run.profile.fixed_part_s() + run.profile.context_part_s() == pytest.approx(
             run.profile.predict_s(model))
         only_total = types.SimpleNamespace(predict_s=run.profile.predict_s)  # a profile without per-branch API
         assert report.predicted_block_s(only_total, model, "test") == pytest.approx(blocks)

@@ -72,11 +72,12 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None and len(args) < len(typing.get_args(tp)):
             return None
-        if len(args) == 1:
+        for arg in args:  # "int | str": the first that takes the value
             try:
-                return _check_type(key, value, args[0])
+                return _check_type(key, value, arg)
             except ConfigError:
-                raise bad() from None
+                pass
+        raise bad()
     if tp is bool:
         if not isinstance(value, bool):
             raise bad()

@@ -166,8 +166,10 @@ class PruneConfig:
                                   "expansion_only_skip_expand1).")
     bn_calibration_steps: int = _f(10, "Training batches used to re-estimate BN statistics after a shrink "
                                        "(0 = keep the folded statistics).")
-    round_to: int = _f(1, "Keep every shrinking branch's surviving width a multiple of N (the channels with the "
-                          "largest |scale| survive; a branch may still go to 0); 1 = off.")
+    round_to: int | str = _f("auto", "Keep every shrinking branch's surviving width a multiple of N (the channels "
+                                     "with the largest |scale| survive; a branch may still go to 0); 1 = off; auto = "
+                                     "each branch's own channel grid, read from its latency curve on the target "
+                                     "(the width step at which its cost jumps).")
     target_latency_ms: float | None = _f(None, "Latency budget in ms on latency.device at latency.batch_size: the "
                                                "search ends with a network measured at or just under it "
                                                "(rho is then steered, prune.rho is its starting value).")
@@ -211,7 +213,8 @@ class PruneConfig:
         _positive("prune", "threshold", self.threshold, allow_zero=True)
         _positive("prune", "shrink_delta_seconds", self.shrink_delta_seconds, allow_zero=True)
         _positive("prune", "bn_calibration_steps", self.bn_calibration_steps, allow_zero=True)
-        _positive("prune", "round_to", self.round_to)
+        if self.round_to != "auto" and (not isinstance(self.round_to, int) or self.round_to < 1):
+            raise ConfigError(f"prune.round_to: must be auto or an integer >= 1, got {self.round_to!r}")
         if self.epoch_warmup and self.epoch_warmup < self.epoch_free:
             raise ConfigError(f"prune.epoch_warmup ({self.epoch_warmup}) must be 0 or >= prune.epoch_free "
                               f"({self.epoch_free})")
@@ -250,6 +253,12 @@ class LatencyConfig:
                                    "process, as in deployment: after training steps the same network ran 4-16 % "
                                    "slower in the training process (see dist_hrnas/latency/clean_process.py). false = "
                                    "time in the training process.")
+    network_spread: float = _f(0.05, "End-to-end rounds that disagree by more than this fraction ((slowest - "
+                                      "fastest) / fastest) are taken again, at most twice; the spread is reported.")
+    calibration_networks: int = _f(24, "Sampled sub-networks (widths from full to near-empty, whole branches "
+                                       "removed, on and off the channel grid) timed end to end when the latency "
+                                       "model is built, to calibrate the per-op sum on whole networks (kept in "
+                                       "latency.lut); 0 = calibrate on the supernet alone.")
     max_samples: int = _f(12, "At most about this many widths per branch curve (keeps profiling fast).")
     backend: str = _f("torch", "Runtime the ops are timed with: torch (eager) or onnxruntime (each op exported to "
                                "ONNX; CPU provider, CUDA provider on cuda devices). Needs the onnx extra.")
@@ -275,6 +284,8 @@ class LatencyConfig:
             raise ConfigError(f"latency.flush_cache_mb: must be >= 0 (0 = warm caches), got {self.flush_cache_mb}")
         if self.max_samples < 2:
             raise ConfigError(f"latency.max_samples: must be >= 2, got {self.max_samples}")
+        _positive("latency", "calibration_networks", self.calibration_networks, allow_zero=True)
+        _positive("latency", "network_spread", self.network_spread)
         if self.lut_device and not self.lut:
             raise ConfigError("latency.lut_device: needs latency.lut, the LUT file built on that device with "
                               "python -m dist_hrnas.profile")

@@ -14,6 +14,11 @@ So each network is timed in a child forked from a server process that has import
 anything (``forkserver``; ``spawn`` where that does not exist): every figure comes from the same fresh
 state, whatever the parent did before. Latency does not depend on weight values, so only the architecture
 (plain data) crosses. A child that dies is an error on the spot, never a hang.
+
+Each child times one round (the median of ``latency.network_repeats`` runs) of one network: a figure is the
+fastest of several rounds, each in its own fresh process, and networks compared with each other (a shrink's
+candidate against the network now) are timed in the same rounds, alternating their order, so a slow spell of
+the machine falls on both.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ from multiprocessing.connection import Connection
 from dist_hrnas.parallel import comm
 from dist_hrnas.config import LatencyConfig
 from dist_hrnas.errors import UserError
-from dist_hrnas.latency.measure import measure_network
+from dist_hrnas.latency.measure import interleaved, network_round, settled
 from dist_hrnas.models import HRNet, export_arch, model_from_arch
 from dist_hrnas.latency.timing import make_timer
 
@@ -34,7 +39,7 @@ POLL_S = 2.0  # how often a waiting parent checks that the child is still alive
 def _time_network(arch: dict, cfg_fields: dict, image_size: int, conn: Connection) -> None:  # in the child
     try:
         cfg = LatencyConfig(**cfg_fields)
-        conn.send(("ok", measure_network(model_from_arch(arch), image_size, cfg, make_timer(cfg))))
+        conn.send(("ok", network_round(model_from_arch(arch), image_size, cfg, make_timer(cfg))()))
     except Exception as err:  # noqa: BLE001 - reported to the parent, which raises it
         conn.send(("error", f"{type(err).__name__}: {err}"))
     finally:
@@ -65,15 +70,28 @@ class CleanProcessTimer:
         self._ctx = multiprocessing.get_context(method)
         if method == "forkserver":  # the server imports torch once; each child is a cheap fork of it
             self._ctx.set_forkserver_preload(["dist_hrnas.latency.clean_process"])
-        self.cfg_fields, self.image_size = asdict(cfg), image_size
+        self.cfg, self.cfg_fields, self.image_size = cfg, asdict(cfg), image_size
         self.calls = 0
+        self.children = 0  # rounds timed, one child process each (what the benchmarks count)
 
     def __call__(self, model: HRNet) -> float:
-        """End-to-end seconds of ``model``'s architecture, timed in a fresh child process."""
+        """End-to-end seconds of ``model``'s architecture: the fastest of its rounds, each in a fresh child."""
         self.calls += 1
+        arch = export_arch(model)
+        return settled(lambda: self._round(arch), self.cfg)[0]
+
+    def compare(self, models: list[HRNet]) -> list[tuple[float, float]]:
+        """Each network's (fastest round, spread), timed in the same rounds (:func:`interleaved`), every round
+        of every network in a fresh child."""
+        self.calls += 1
+        archs = [export_arch(m) for m in models]
+        return interleaved([lambda a=a: self._round(a) for a in archs], self.cfg)
+
+    def _round(self, arch: dict) -> float:
+        """One round of one network, in a fresh child process."""
+        self.children += 1
         receive, send = self._ctx.Pipe(duplex=False)
-        process = self._ctx.Process(target=_time_network, args=(export_arch(model), self.cfg_fields,
-                                                                 self.image_size, send),
+        process = self._ctx.Process(target=_time_network, args=(arch, self.cfg_fields, self.image_size, send),
                                     name="dist_hrnas-latency", daemon=True)
         process.start()
         send.close()  # the child holds its end; a dead child then reads as end of file, not as silence

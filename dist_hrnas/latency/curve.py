@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from dist_hrnas.config import LatencyConfig
+from dist_hrnas.latency.calibration import Calibration, Parts
 
 # A noisy curve can dip (a wider op timed faster than a narrower one); the marginal cost never falls below
 # this share of the average cost, so no channel looks free (a zero penalty would never prune it).
@@ -82,6 +83,31 @@ def marginal_s(curve: Curve, width: int) -> float:
     return max(slope, MIN_MARGINAL_FRACTION * average)
 
 
+# A branch's cost is on a grid of g channels when, inside its groups of g, most of the group's rise is already
+# paid at the widths in between (a staircase); on a linear curve half of it would be left.
+GRID_RISE_LEFT = 0.25
+GRID_CANDIDATES = (2, 4)  # grids tried, in multiples of latency.width_step
+
+
+def curve_grid(curve: Curve, step: int) -> int:
+    """The channel group this branch's cost moves in, read from its curve: the largest ``g`` among ``step`` times
+    GRID_CANDIDATES whose groups rise mostly at their start (median over the groups the curve samples inside);
+    ``step`` when none does or the curve has no samples inside a group."""
+    cost = {int(w): s for w, s in curve}
+    best = step
+    for g in (step * m for m in GRID_CANDIDATES):
+        left = []
+        for top in (w for w in cost if w % g == 0 and w - g in cost | {0: 0.0}):
+            low = cost.get(top - g, 0.0)
+            rise = cost[top] - low
+            inside = [w for w in cost if top - g < w < top]
+            if rise > 0 and inside:
+                left += [(cost[top] - cost[w]) / rise for w in inside]
+        if left and sorted(left)[len(left) // 2] < GRID_RISE_LEFT:
+            best = g
+    return best
+
+
 @dataclass
 class LatencyProfile:
     """Measured seconds of the network and the latency curve of each kernel branch.
@@ -105,6 +131,10 @@ class LatencyProfile:
     # What the ops timed one by one miss of the measured supernet (cache contents and dispatch between ops,
     # see calibrated()): measured - (fixed part + branches + joins) on the supernet, added to every prediction.
     context_s: float = 0.0
+    # Per block, the part its branches count in (their resolution, ``res:HxW``), and the whole-network
+    # calibration of the parts (latency/calibration.py); without a fitted one the plain sum + context_s is used.
+    groups: dict[str, str] | None = None
+    calibration: Calibration | None = None
 
     def __post_init__(self) -> None:
         if self.curves is None:
@@ -120,8 +150,18 @@ class LatencyProfile:
         if width <= 0:
             return 0.0
         if self.cost == "marginal":
-            return marginal_s(self.curves[key], width)
-        return self.curve_s(key, width) / width
+            return marginal_s(self.curves[key], width) * self.scale(key)
+        return self.curve_s(key, width) / width * self.scale(key)
+
+    def grid(self, key: str) -> int:
+        """The channel group this branch's cost moves in (``prune.round_to: auto``)."""
+        return curve_grid(self.curves[key], self.width_step)
+
+    def scale(self, key: str) -> float:
+        """The calibration's factor for a branch's seconds (1 without a fitted calibration)."""
+        if self.calibration is None or not self.calibration.fitted or not self.groups:
+            return 1.0
+        return self.calibration.coef.get(self.groups.get(key.rsplit(":k", 1)[0], ""), 1.0)
 
     def curve_s(self, key: str, width: int) -> float:
         """One branch's seconds at ``width``. Not a per-branch share of :meth:`predict_s`: the block joins are
@@ -135,21 +175,48 @@ class LatencyProfile:
         evicted caches, 9-20 % without), by a part that stays about the same as branches shrink: the measured
         supernet gives it once, then every shrunk network's prediction carries it.
         """
-        self.context_s = 0.0
-        self.context_s = self.network_s - self.predict_s(supernet)
+        self.context_s = self.network_s - sum(self.parts(supernet).values())
         return self
 
-    def predict_s(self, model) -> float:
-        """Predicted end-to-end seconds of ``model`` (possibly shrunk): fixed part + each branch's curve
-        + each block's join of its surviving branches + the context part."""
-        total = self.fixed_s + self.context_s
+    def refit(self, parts: Parts, measured_s: float, source: str) -> None:
+        """Add one measured network to the calibration and fit it again."""
+        if self.calibration is None:
+            self.calibration = Calibration()
+        self.calibration.add(parts, measured_s, source)
+        self.calibration.fit()
+
+    def parts(self, model) -> Parts:
+        """The per-op sum for ``model`` (possibly shrunk), split into the parts the calibration scales: the fixed
+        part, the block joins of the surviving branches, and each resolution's kernel branches."""
+        out = {"fixed": self.fixed_s, "join": 0.0}
         for name, block in model.named_blocks():
             joins = self.combine_s.get(name)
             if joins and block.branches:
-                total += joins[min(len(block.branches), len(joins)) - 1]
+                out["join"] += joins[min(len(block.branches), len(joins)) - 1]
+            group = (self.groups or {}).get(name, "branches")
             for branch in block.branches:
-                total += self.curve_s(branch_key(name, branch.kernel), branch.hidden)
-        return total
+                out[group] = out.get(group, 0.0) + self.curve_s(branch_key(name, branch.kernel), branch.hidden)
+        return out
+
+    def fixed_part_s(self) -> float:
+        """The fixed part as the prediction counts it (its calibrated share)."""
+        return self.calibration.predict({"fixed": self.fixed_s}) if self._fitted else self.fixed_s
+
+    def context_part_s(self) -> float:
+        """The supernet's offset, in the prediction only without a fitted calibration."""
+        return 0.0 if self._fitted else self.context_s
+
+    @property
+    def _fitted(self) -> bool:
+        return self.calibration is not None and self.calibration.fitted
+
+    def predict_s(self, model) -> float:
+        """Predicted end-to-end seconds of ``model`` (possibly shrunk): the calibrated sum of its parts, or
+        without a fitted calibration the plain sum plus the context part."""
+        parts = self.parts(model)
+        if self.calibration is not None and self.calibration.fitted:
+            return self.calibration.predict(parts)
+        return sum(parts.values()) + self.context_s
 
     def to_tensor(self, keys: list[str]) -> torch.Tensor:
         """[network_s, fixed_s, context_s, each key's curve seconds in order]: what rank 0 broadcasts."""
@@ -183,7 +250,8 @@ class LatencyProfile:
         return {"network_s": self.network_s, "branch_s": dict(self.branch_s), "branch_width": dict(self.branch_width),
                 "curves": {k: [list(p) for p in c] for k, c in self.curves.items()}, "cost": self.cost,
                 "fixed_s": self.fixed_s, "combine_s": {k: list(v) for k, v in self.combine_s.items()},
-                "width_step": self.width_step, "context_s": self.context_s}
+                "width_step": self.width_step, "context_s": self.context_s, "groups": dict(self.groups or {}),
+                "calibration": self.calibration.state_dict() if self.calibration is not None else None}
 
     @classmethod
     def from_state_dict(cls, p: dict, cost: str | None = None) -> "LatencyProfile":
@@ -192,4 +260,5 @@ class LatencyProfile:
                    {k: [list(x) for x in c] for k, c in p["curves"].items()} if "curves" in p else None,
                    cost or p.get("cost", "average"), p.get("fixed_s"),
                    {k: list(v) for k, v in p.get("combine_s", {}).items()}, int(p.get("width_step", 1)),
-                   float(p.get("context_s", 0.0)))
+                   float(p.get("context_s", 0.0)), dict(p.get("groups") or {}),
+                   Calibration.from_state_dict(p.get("calibration")))

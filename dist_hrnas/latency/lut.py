@@ -4,7 +4,12 @@ File layout (``format`` 1)::
 
     {"format": 1,
      "tables": {"<fingerprint id>": {"fingerprint": {...},
-                                     "ops": {"<op signature>": {"median_s": float, "spread_s": float}}}}}
+                                     "ops": {"<op signature>": {"median_s": float, "spread_s": float}},
+                                     "calibrations": {"<supernet network key>": {"points": [...], "coef": {...}}}}}}
+
+Whole networks (the supernet, the calibration's sampled sub-networks) are ops too, under ``network_<hash>``;
+``calibrations`` keeps the fit made from them (latency/calibration.py), so a LUT built on the deployment device
+carries its own calibration.
 
 A fingerprint says what the numbers are valid for (device name, backend, torch version, dtype, threads,
 batch size); one file may hold tables of several devices, and writing one never drops another's entries.
@@ -89,9 +94,11 @@ def read_lut_file(path: Path) -> dict:
 class LatencyTable:
     """Op timings for one device fingerprint, backed by ``latency.lut`` (or by memory only when it is empty)."""
 
-    def __init__(self, fp: dict, path: Path | None = None, ops: dict[str, dict] | None = None):
+    def __init__(self, fp: dict, path: Path | None = None, ops: dict[str, dict] | None = None,
+                 calibrations: dict[str, dict] | None = None):
         self.fp, self.path = fp, path
         self.ops: dict[str, dict] = dict(ops or {})
+        self.calibrations: dict[str, dict] = dict(calibrations or {})
         self.new: set[str] = set()  # signatures measured in this run (what save() adds)
 
     @classmethod
@@ -106,7 +113,7 @@ class LatencyTable:
             return cls.remote(cfg, fp, path, data)
         table = data["tables"].get(fingerprint_id(fp))
         if table is not None:
-            return cls(fp, path, table["ops"])
+            return cls(fp, path, table["ops"], table.get("calibrations"))
         if data["tables"]:
             # Name the differences to the closest table: that is usually the setting the user changed.
             others = [t["fingerprint"] for t in data["tables"].values()]
@@ -135,7 +142,7 @@ class LatencyTable:
                             f"device at {settings_text} ({found}); set latency.lut_device to one of them, or build "
                             f"one on the device with python -m dist_hrnas.profile and the same latency.* settings")
         table = wanted[0]
-        return cls(table["fingerprint"], path, table["ops"])
+        return cls(table["fingerprint"], path, table["ops"], table.get("calibrations"))
 
     def get(self, sig: str) -> dict | None:
         return self.ops.get(sig)
@@ -144,6 +151,11 @@ class LatencyTable:
         self.ops[sig] = {"median_s": median_s, "spread_s": spread_s}
         self.new.add(sig)
 
+    def put_calibration(self, supernet_key: str, state: dict) -> None:
+        """Keep the calibration fitted for the supernet under ``supernet_key`` (saved with the next save)."""
+        self.calibrations[supernet_key] = state
+        self.new.add(supernet_key)
+
     def save(self) -> None:
         """Merge this run's new entries into the file as it is now (other fingerprints untouched), atomically."""
         if self.path is None or not self.new:
@@ -151,7 +163,10 @@ class LatencyTable:
         data = read_lut_file(self.path)  # re-read: another process may have added entries meanwhile
         fid = fingerprint_id(self.fp)
         table = data["tables"].setdefault(fid, {"fingerprint": self.fp, "ops": {}})
-        table["ops"].update({sig: self.ops[sig] for sig in sorted(self.new)})
+        table["ops"].update({sig: self.ops[sig] for sig in sorted(self.new) if sig in self.ops})
+        fits = {key: self.calibrations[key] for key in sorted(self.new) if key in self.calibrations}
+        if fits:
+            table.setdefault("calibrations", {}).update(fits)
         atomic_write_json(self.path, data)
         self.new.clear()
 

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from dist_hrnas.parallel import comm
 from dist_hrnas.config import LatencyConfig
 from dist_hrnas.errors import UserError
+from dist_hrnas.latency.calibration import Calibration, sample_arch_widths
 from dist_hrnas.latency.curve import Curve, LatencyProfile, branch_key, curve_value, sample_widths
 from dist_hrnas.latency.lut import LatencyTable
 from dist_hrnas.models import AtomicBlock, HRNet, export_arch, model_from_arch
@@ -183,20 +184,75 @@ def measure_fixed(model: HRNet, image_size: int, cfg: LatencyConfig, timer: Time
     return table.get(key)["median_s"]
 
 
-# End-to-end figures decide whether a budget is met, so they get more care than single ops: the best of a few
-# rounds, each the median of latency.network_repeats runs. Interference from other work on the machine only
-# ever slows a round down; the fastest round is the network's own speed.
+# End-to-end figures decide whether a shrink or a budget is taken, so they get more care than single ops: the
+# best of a few rounds, each the median of latency.network_repeats runs. Interference from other work on the
+# machine only ever slows a round down; the fastest round is the network's own speed.
 NETWORK_ROUNDS = 3
+# Rounds that disagree by more than latency.network_spread are taken again, at most this many more times (a busy
+# machine stays busy: past that the fastest rounds stand, and the spread they had is reported).
+RETAKES = 2
 
 
-@torch.no_grad()
-def measure_network(model: HRNet, image_size: int, cfg: LatencyConfig, timer: Timer) -> float:
-    """End-to-end forward seconds of ``model`` at ``latency.batch_size`` on the target device."""
+def spread(medians: list[float]) -> float:
+    """How far a figure's rounds disagree: (slowest - fastest) / fastest."""
+    return (max(medians) - min(medians)) / min(medians) if medians and min(medians) > 0 else 0.0
+
+
+def settled(take_round: Callable[[], float], cfg: LatencyConfig, rounds: int = NETWORK_ROUNDS) -> tuple[float, float]:
+    """(fastest round, spread of the fastest ``rounds``): rounds re-taken while they disagree beyond
+    ``latency.network_spread``."""
+    medians = [take_round() for _ in range(rounds)]
+    for _ in range(RETAKES):
+        if spread(sorted(medians)[:rounds]) <= cfg.network_spread:
+            break
+        medians += [take_round() for _ in range(rounds)]
+    return min(medians), spread(sorted(medians)[:rounds])
+
+
+def interleaved(takes: list[Callable[[], float]], cfg: LatencyConfig) -> list[tuple[float, float]]:
+    """Each network's (fastest round, spread of its fastest rounds), all timed in the same rounds: every round
+    takes each network once, alternating who goes first, so a slow spell of the machine falls on all of them;
+    rounds are taken again while any network's disagree beyond ``latency.network_spread``."""
+    medians: list[list[float]] = [[] for _ in takes]
+
+    def rounds() -> None:
+        for _ in range(NETWORK_ROUNDS):
+            order = list(range(len(takes)))
+            for i in order if len(medians[0]) % 2 == 0 else order[::-1]:
+                medians[i].append(takes[i]())
+
+    rounds()
+    for _ in range(RETAKES):
+        if max(spread(sorted(m)[:NETWORK_ROUNDS]) for m in medians) <= cfg.network_spread:
+            break
+        rounds()
+    return [(min(m), spread(sorted(m)[:NETWORK_ROUNDS])) for m in medians]
+
+
+def compare_networks(models: list[HRNet], image_size: int, cfg: LatencyConfig, timer: Timer,
+                     network_timer: NetworkTimer | None = None) -> list[tuple[float, float]]:
+    """:func:`interleaved` figures of ``models``: in clean processes when ``network_timer`` can, else here."""
+    if network_timer is not None and hasattr(network_timer, "compare"):
+        return network_timer.compare(models)
+    return interleaved([network_round(m, image_size, cfg, timer) for m in models], cfg)
+
+
+def network_round(model: HRNet, image_size: int, cfg: LatencyConfig, timer: Timer) -> Callable[[], float]:
+    """One round of timing ``model`` end to end: the median of ``latency.network_repeats`` forward passes."""
     net = copy.deepcopy(model)
     x = torch.randn(cfg.batch_size, model.spec.image_channels, image_size, image_size, device=timer.device)
     run = Timed(runner(net, x, cfg, timer.device), "network")
-    with cpu_threads(cfg.threads):
-        return min(timer(run, repeats=cfg.network_repeats).median_s for _ in range(NETWORK_ROUNDS))
+
+    @torch.no_grad()
+    def take() -> float:
+        with cpu_threads(cfg.threads):
+            return timer(run, repeats=cfg.network_repeats).median_s
+    return take
+
+
+def measure_network(model: HRNet, image_size: int, cfg: LatencyConfig, timer: Timer) -> float:
+    """End-to-end forward seconds of ``model`` at ``latency.batch_size`` on the target device (in this process)."""
+    return settled(network_round(model, image_size, cfg, timer), cfg)[0]
 
 
 def branch_widths(model: HRNet) -> dict[str, int]:
@@ -242,6 +298,47 @@ def network_on_target(model: HRNet, image_size: int, cfg: LatencyConfig, timer: 
     return network_s
 
 
+def arch_with_widths(arch: dict, widths: dict[str, list[int]]) -> dict:
+    """``arch`` with each block's branch widths replaced (a width of 0 removes that branch)."""
+    arch = copy.deepcopy(arch)
+    for entry in arch["blocks"]:
+        new = widths.get(entry["name"], entry["widths"])
+        entry["kernel_sizes"] = [k for k, w in zip(entry["kernel_sizes"], new) if w > 0]
+        entry["widths"] = [w for w in new if w > 0]
+    return arch
+
+
+def calibrate(profile: LatencyProfile, model: HRNet, image_size: int, cfg: LatencyConfig, timer: Timer,
+              table: LatencyTable, network_timer: NetworkTimer | None) -> Calibration:
+    """The supernet and ``latency.calibration_networks`` sampled sub-networks, each measured end to end (or read
+    from the LUT, where each lies under its own network key), and the calibration fitted to them. With
+    ``latency.lut_device`` only the samples the device's LUT holds are used. (The supernet itself is measured
+    afresh every time: it anchors the run and its budget.)"""
+    calibration = Calibration()
+    calibration.add(profile.parts(model), profile.network_s, "supernet")
+    arch = export_arch(model)
+    samples = sample_arch_widths({b["name"]: b["widths"] for b in arch["blocks"]}, cfg.calibration_networks,
+                                 cfg.width_step)
+    for widths in samples:
+        net = model_from_arch(arch_with_widths(arch, widths))
+        cached = table.get(network_key(net, image_size))  # samples are cached like ops: a second run times none
+        if cached is None and cfg.lut_device:
+            continue
+        seconds = cached["median_s"] if cached else network_on_target(net, image_size, cfg, timer, table,
+                                                                        network_timer)
+        calibration.add(profile.parts(net), seconds, "sample")
+    calibration.fit()
+    if not cfg.lut_device:  # a device's LUT keeps the device's own fit
+        table.put_calibration(network_key(model, image_size), calibration.state_dict())
+    table.save()
+    return calibration
+
+
+def block_groups(model: HRNet, image_size: int) -> dict[str, str]:
+    """Per block, the part of the calibration its branches count in: their input resolution."""
+    return {name: f"res:{h}x{w}" for name, (_c, h, w) in block_input_shapes(model, image_size).items()}
+
+
 def profile_on_rank0(model: HRNet, image_size: int, cfg: LatencyConfig, timer: Timer | None = None,
                      progress: bool = False, network_timer: NetworkTimer | None = None) -> LatencyProfile:
     """Rank 0 measures (or reads from ``latency.lut``) the branch curves and the network; every rank returns the
@@ -256,7 +353,8 @@ def profile_on_rank0(model: HRNet, image_size: int, cfg: LatencyConfig, timer: T
     samples = {k: sample_widths(w, cfg) for k, w in widths.items()}
     join_counts = {name: len(b.branches) for name, b in model.named_blocks() if b.branches}
     packed = torch.zeros(3 + sum(len(v) for v in samples.values()) + sum(join_counts.values()), dtype=torch.float64)
-    error = None
+    groups = block_groups(model, image_size)
+    error, calibration = None, None
     if not comm.is_initialized() or comm.rank() == 0:
         try:
             timer = make_timer(cfg) if cfg.lut_device or timer is None else timer
@@ -264,8 +362,10 @@ def profile_on_rank0(model: HRNet, image_size: int, cfg: LatencyConfig, timer: T
             curves, fixed_s, joins = lut_profile(model, image_size, cfg, timer, progress, table)
             network_s = network_on_target(model, image_size, cfg, timer, table, network_timer)  # reality
             branch_s = {k: curve_value(curves[k], widths[k]) for k in keys}
-            packed = LatencyProfile(network_s, branch_s, widths, curves, cfg.cost, fixed_s, joins,
-                                    cfg.width_step).calibrated(model).to_tensor(keys)
+            profile = LatencyProfile(network_s, branch_s, widths, curves, cfg.cost, fixed_s, joins,
+                                     cfg.width_step, groups=groups).calibrated(model)
+            packed = profile.to_tensor(keys)
+            calibration = calibrate(profile, model, image_size, cfg, timer, table, network_timer).state_dict()
         except UserError as err:
             if not comm.is_initialized():
                 raise
@@ -274,7 +374,10 @@ def profile_on_rank0(model: HRNet, image_size: int, cfg: LatencyConfig, timer: T
     if error is not None:
         raise UserError(error)
     comm.broadcast_(packed, src=0)
-    return LatencyProfile.from_tensor(packed, keys, widths, samples, cfg.cost, join_counts, cfg.width_step)
+    profile = LatencyProfile.from_tensor(packed, keys, widths, samples, cfg.cost, join_counts, cfg.width_step)
+    profile.groups = groups
+    profile.calibration = Calibration.from_state_dict(comm.broadcast_object(calibration))
+    return profile
 
 
 def measure_network_on_rank0(model: nn.Module, image_size: int, cfg: LatencyConfig,

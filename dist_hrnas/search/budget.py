@@ -1,21 +1,25 @@
-"""Latency budget: plan how many seconds to prune by when, steer rho to follow the plan, land on the target.
-
-Three pieces, all plain arithmetic on numbers every rank already shares (the profile is broadcast by rank 0,
-the masks are broadcast before they are used), so every rank computes the same rho at every step:
+"""Latency budget: plan how many seconds to prune by when, steer rho to follow the plan, and fit each shrink to
+where the plan is.
 
 - :class:`PrunedSecondsPlan`: planned pruned seconds against (fractional) epoch, ``linear``, ``cosine`` or
   ``exp`` from ``prune.epoch_free`` to ``prune.epoch_target``.
 - :class:`RhoController`: proportional-integral feedback on the gap between planned and predicted pruned
   seconds, in log-rho space (rho acts multiplicatively: a gap of 10% of the budget should scale rho, not add a
   constant to it), clipped to ``[rho0 / max_factor, rho0 * max_factor]`` with anti-windup.
-- :func:`fit_masks_to_budget`: the last word at a shrink. Dead channels that would take the network more
-  than the tolerance below the target are revived (best |gamma| per second first); at the last chance, live
-  channels are removed (worst |gamma| per second first) until the network fits the target.
+- :class:`BudgetSteer`: how many channels a shrink takes. The channels are ranked by what they are worth per
+  unit of the penalty's cost (|gamma| per second, per MAC, or plain |gamma|), and a shrink takes the k worth least
+  (the L1 term has already zeroed most of them). When the target device is this machine, k is chosen by
+  *measuring* a few candidate networks against the network now (:meth:`BudgetSteer.probe_ks` proposes them from
+  the calibrated latency model, :meth:`BudgetSteer.pick` chooses by the measurements); with
+  ``latency.lut_device`` the calibrated model alone decides (:meth:`BudgetSteer.model_k`).
+
+Everything here is plain arithmetic on numbers every rank shares (the profile and the measurements are
+broadcast by rank 0), so every rank computes the same rho at every step.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -27,8 +31,10 @@ if TYPE_CHECKING:
 
 SCHEDULES = ("linear", "cosine", "exp")
 _EXP_RATE = 3.0  # exp schedule: 95% of the budget pruned by the end, front-loaded
-AIM_SHARE_OF_TOLERANCE = 0.3  # shrinks aim this far into the band under the target (see BudgetSteer)
-FINAL_APPROACH_GAIN = 0.5     # within 2 tolerances of the target, a shrink takes this share of the gap
+# Candidates a measured budget shrink times, as factors of the aim (in predicted seconds) times the tolerance:
+# one just above the aim and two inside the band under it, so a latency model a few percent off still brackets
+# the target; the slowest measured at or under the aim is taken.
+PROBE_OFFSETS = (0.5, -0.5, -1.5)
 
 
 def schedule_fraction(shape: str, x: float) -> float:
@@ -102,30 +108,37 @@ class BranchChannels:
     block: str
     index: int                 # branch index inside the block (masks are per block, in branch order)
     scores: torch.Tensor       # |gamma| per channel
-    seconds_per_channel: float
-
-
-@dataclass
-class BudgetFit:
-    revived: int = 0
-    removed: int = 0
-    latency_s_after: float = 0.0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+    cost_per_channel: float    # the penalty's unit: seconds, MACs or 1
+    grid: int = 1              # surviving widths stay multiples of this
 
 
 Masks = dict[str, list[torch.Tensor]]
+Ranked = list[tuple[float, BranchChannels, int]]  # (worth per unit of cost, branch, channel), least worth first
 
 
-def linear_predictor(current_s: float, branches: list[BranchChannels]) -> Callable[[Masks], float]:
-    """Seconds after ``masks`` as ``current_s`` minus each removed channel's cost (the per-channel model)."""
-    def predict(masks: Masks) -> float:
-        return current_s - sum(int((~masks[b.block][b.index]).sum()) * b.seconds_per_channel for b in branches)
-    return predict
+def ranked_channels(branches: list[BranchChannels]) -> Ranked:
+    """Every prunable channel, least worth first: |gamma| per unit of its branch's cost."""
+    out = [(float(b.scores[c]) / max(b.cost_per_channel, 1e-30), b, c) for b in branches for c in range(len(b.scores))]
+    return sorted(out, key=lambda t: (t[0], t[1].block, t[1].index, t[2]))
 
 
-def _shortest_prefix(n: int, ok: Callable[[int], bool]) -> int:
+def masks_without(masks: Masks, ranked: Ranked, k: int) -> Masks:
+    """``masks`` (every block present) with the ``k`` channels worth least removed, each branch's survivors rounded
+    up to its grid (the best-scored of the removed come back; a branch may still go to 0)."""
+    out = {name: [m.clone() for m in ms] for name, ms in masks.items()}
+    for _, b, c in ranked[:k]:
+        out[b.block][b.index][c] = False
+    for b in {id(b): b for _, b, _ in ranked}.values():
+        mask = out[b.block][b.index]
+        kept = int(mask.sum())
+        if b.grid > 1 and 0 < kept and kept % b.grid:
+            keep = min(len(mask), math.ceil(kept / b.grid) * b.grid)
+            mask.zero_()
+            mask[torch.topk(b.scores, keep).indices] = True
+    return out
+
+
+def shortest_prefix(n: int, ok: Callable[[int], bool]) -> int:
     """Smallest k in [0, n] with ``ok(k)`` (assumed monotone in k), or n when none is."""
     lo, hi = 0, n
     while lo < hi:
@@ -137,74 +150,13 @@ def _shortest_prefix(n: int, ok: Callable[[int], bool]) -> int:
     return lo
 
 
-def fit_masks_to_budget(masks: Masks, branches: list[BranchChannels], current_s: float,
-                        target_s: float, tolerance: float, force: bool,
-                        ceiling_s: float | None = None,
-                        predict: Callable[[Masks], float] | None = None) -> BudgetFit:
-    """Edit ``masks`` in place so the shrunk network lands in ``[ceiling (1 - tolerance), ceiling]`` seconds.
-
-    ``masks`` must hold a mask list for every block named in ``branches``. ``current_s``: predicted seconds
-    of the network before this shrink; ``ceiling_s`` defaults to the target (a schedule passes where the
-    plan is now, so shrinks follow the plan instead of running ahead of it). Too far below the ceiling:
-    revive dead channels, highest |gamma| per second first, as many as stay under it. Above the ceiling and
-    ``force``: remove live channels, lowest |gamma| per second first, until it is met.
-
-    The channels are *ranked* by the per-channel costs, but how many to take is judged by ``predict`` (the
-    latency model's whole-network prediction, default the per-channel sum): removing a branch's last
-    channels also removes its launch overhead, which a per-channel cost does not see, and fitting by the
-    sum alone overshot by a whole branch's worth.
-    """
-    ceiling_s = target_s if ceiling_s is None else max(ceiling_s, target_s)
-    predict = predict or linear_predictor(current_s, branches)
-
-    def value(b: BranchChannels, c: int) -> float:  # what a channel is worth per second it costs
-        return float(b.scores[c]) / max(b.seconds_per_channel, 1e-15)
-
-    original = {name: [m.clone() for m in ms] for name, ms in masks.items()}
-
-    def apply(channels: list[tuple[float, BranchChannels, int]], k: int, keep: bool) -> float:
-        for name, ms in original.items():
-            for m, o in zip(masks[name], ms):
-                m.copy_(o)
-        for _, b, c in channels[:k]:
-            masks[b.block][b.index][c] = keep
-        return predict(masks)
-
-    fit = BudgetFit()
-    after = predict(masks)
-    if after < ceiling_s * (1.0 - tolerance):
-        dead = sorted(((value(b, c), b, c) for b in branches
-                       for c in torch.nonzero(~masks[b.block][b.index]).flatten().tolist()), key=lambda t: -t[0])
-        # the longest prefix of revivals that stays under the ceiling: the first k after which one more overflows
-        fit.revived = _shortest_prefix(len(dead), lambda k: apply(dead, k + 1, True) > ceiling_s)
-        after = apply(dead, fit.revived, True)
-    elif after > ceiling_s and force:
-        live = sorted(((value(b, c), b, c) for b in branches
-                       for c in torch.nonzero(masks[b.block][b.index]).flatten().tolist()), key=lambda t: t[0])
-        # The latency model is least accurate near the floor, where most of the time is fixed costs: chasing
-        # the ceiling there could strip the network bare. Take at most half of what is alive per shrink; the
-        # measurement after it re-calibrates the next one.
-        cap = len(live) // 2
-        fit.removed = min(cap, _shortest_prefix(len(live), lambda k: apply(live, k, False) <= ceiling_s))
-        after = apply(live, fit.removed, False)
-    fit.latency_s_after = after
-    return fit
-
-
 class BudgetSteer:
     """Everything a search with ``prune.target_latency_ms`` / ``prune.target_ratio`` adds, in one place.
 
-    Latencies come in two units: *measured* (end to end on the target device, what the user asked for) and
-    *predicted* (the latency model's sum, what masks and the plan are computed in). The target is mapped into
-    predicted units from the latest measurement, re-read after every shrink: to go from the measured latency now
-    to the target, remove ``(measured - target) / slope`` predicted seconds. The slope is the measured/predicted
-    ratio, or the slope between the last two shrinks when that is steeper (capped at twice the ratio): the
-    model misses costs that do not shrink with the channels, so the true slope is usually below the ratio,
-    but not always. A steeper slope removes less, and that is the safe side: a shrink that falls short is
-    followed by another, one that overshoots cannot be undone. For the same reason shrinks aim high in the
-    accepted band, at ``target * (1 - 0.3 * tolerance)``, and within two tolerances of the target take only
-    half of the estimated gap per shrink: timing noise still lands inside the band, and when a shrink lands
-    above the target the next one takes (half of) the rest.
+    The target is in measured seconds (end to end on the target device); the plan and rho work in the latency
+    model's predicted seconds, mapped by the measured/predicted ratio of the latest measurement (the calibrated
+    model keeps it near 1). A shrink aims at where the plan is by then (the target from ``prune.epoch_target``
+    on, and at the last epoch), and takes the candidate measured slowest at or under that aim.
     """
 
     def __init__(self, prune: "PruneConfig", epochs: int, supernet_measured_s: float, supernet_predicted_s: float,
@@ -223,10 +175,11 @@ class BudgetSteer:
                             f"target or use a smaller supernet")
         self.target_s = target_s
         self.tolerance = prune.budget_tolerance
+        self.supernet_measured_s = supernet_measured_s
         self.points = [(supernet_predicted_s, supernet_measured_s)]  # (predicted, measured) at every shrink
         self.supernet_predicted_s = supernet_predicted_s
         epoch_target = prune.epoch_target if prune.epoch_target > 0 else 0.75 * epochs
-        self.plan = PrunedSecondsPlan(supernet_predicted_s - self.target_predicted_s(), prune.epoch_free,
+        self.plan = PrunedSecondsPlan(supernet_predicted_s - self.to_predicted(target_s), prune.epoch_free,
                                       epoch_target, prune.schedule)
         self.controller = RhoController(prune.rho, prune.controller_kp, prune.controller_ki, prune.rho_max_factor)
         self.last_epoch = prune.epoch_free
@@ -235,27 +188,10 @@ class BudgetSteer:
     def done(self) -> bool:
         return self.controller.done
 
-    @property
-    def measured_over_predicted(self) -> float:
+    def to_predicted(self, measured_s: float) -> float:
+        """Measured seconds in the latency model's units, by the latest measured/predicted ratio."""
         predicted, measured = self.points[-1]
-        return measured / predicted
-
-    def slope(self) -> float:
-        """Measured seconds gained per predicted second removed, near where the network is now."""
-        ratio = self.measured_over_predicted
-        if len(self.points) < 2:
-            return ratio
-        (p0, m0), (p1, m1) = self.points[-2:]
-        secant = (m0 - m1) / (p0 - p1) if p0 > p1 else ratio
-        return min(2.0 * ratio, max(ratio, secant))
-
-    def predicted_for(self, measured_s: float) -> float:
-        """Predicted seconds at which the network should measure ``measured_s`` (today's calibration)."""
-        predicted, measured = self.points[-1]
-        return predicted - (measured - measured_s) / self.slope()
-
-    def target_predicted_s(self) -> float:
-        return self.predicted_for(self.target_s)
+        return measured_s * predicted / measured
 
     def rho(self, epoch: float, pruned_s: float) -> float:
         """rho for this step: 0 before ``epoch_free`` and once the budget is met, else the controller's."""
@@ -264,30 +200,30 @@ class BudgetSteer:
         dt, self.last_epoch = max(0.0, epoch - self.last_epoch), epoch
         return self.controller.update(self.plan.planned_s(epoch), pruned_s, self.plan.total_s, dt)
 
-    def fit(self, masks: Masks, branches: list[BranchChannels], current_predicted_s: float,
-            epoch: float, last_epoch: bool, predict: Callable[[Masks], float] | None = None) -> BudgetFit:
-        """Fit a shrink's masks: never far below the target; at or under where the plan is by ``epoch``.
+    def aim_s(self, epoch: float, last_epoch: bool) -> float:
+        """Measured seconds this shrink aims at: where the plan is by ``epoch`` (the target at the end)."""
+        share = 1.0 if last_epoch or self.plan.total_s <= 0 else self.plan.planned_s(epoch) / self.plan.total_s
+        return self.supernet_measured_s - share * (self.supernet_measured_s - self.target_s)
 
-        The L1 term alone cannot be trusted to keep pace (plain SGD makes scales hover around zero rather
-        than under the threshold), so each shrink also takes the lowest |gamma|-per-second channels the plan
-        calls for by now: the schedule is followed at every shrink, and the last one meets the target.
-        """
-        target = self.predicted_for(self.target_s * (1.0 - AIM_SHARE_OF_TOLERANCE * self.tolerance))
-        now_predicted, now_measured = self.points[-1]
-        if target < now_predicted and now_measured <= self.target_s * (1.0 + 2.0 * self.tolerance):
-            # Close to the target, where one overshoot is final: take half of the estimated gap per shrink
-            # and approach it from above (the local slope was seen to be twice the estimate).
-            target = now_predicted - FINAL_APPROACH_GAIN * (now_predicted - target)
-        planned_share = 1.0 if last_epoch or self.plan.total_s <= 0 else self.plan.planned_s(epoch) / self.plan.total_s
-        ceiling = self.supernet_predicted_s - planned_share * (self.supernet_predicted_s - target)
-        # Revive dead channels unless they leave the network within 1.5 % under the ceiling: channels the L1
-        # term has already zeroed would otherwise take a shrink anywhere into a 5 % band, on top of the gap.
-        return fit_masks_to_budget(masks, branches, current_predicted_s, target,
-                                   AIM_SHARE_OF_TOLERANCE * self.tolerance, force=True,
-                                   ceiling_s=ceiling, predict=predict)
+    def model_k(self, n: int, predict: Callable[[int], float], aim_predicted_s: float) -> int:
+        """Fewest channels to take so the model predicts at most ``aim_predicted_s``."""
+        return shortest_prefix(n, lambda k: predict(k) <= aim_predicted_s)
+
+    def probe_ks(self, n: int, predict: Callable[[int], float], aim_s: float) -> list[int]:
+        """The candidate channel counts a measured shrink times (see PROBE_OFFSETS), distinct, ascending."""
+        aim = self.to_predicted(aim_s)
+        return sorted({self.model_k(n, predict, aim * (1.0 + o * self.tolerance)) for o in PROBE_OFFSETS})
+
+    def pick(self, measured: dict[int, float], aim_s: float) -> int:
+        """The candidate measured slowest at or under the aim (the fewest channels that meet it); if none
+        meets it, the fastest (a later shrink takes the rest)."""
+        meeting = [k for k, s in measured.items() if s <= aim_s]
+        if meeting:
+            return max(meeting, key=lambda k: (measured[k], -k))
+        return min(measured, key=lambda k: (measured[k], k))
 
     def observe(self, predicted_s: float, measured_s: float) -> None:
-        """After a shrink: re-calibrate the units; the budget is met once the measured latency is."""
+        """After a shrink: re-read the units; the budget is met once the measured latency is."""
         if predicted_s > 0:
             self.points.append((predicted_s, measured_s))
         if measured_s <= self.target_s:
@@ -299,10 +235,7 @@ class BudgetSteer:
 
     def load_state_dict(self, state: dict) -> None:
         self.controller.load_state_dict(state["controller"])
-        if "points" in state:
-            self.points = [(float(p), float(m)) for p, m in state["points"]]
-        else:  # a checkpoint from before the calibration kept its points: keep the ratio it had
-            self.points = [(self.supernet_predicted_s, self.supernet_predicted_s * float(state["measured_over_predicted"]))]
+        self.points = [(float(p), float(m)) for p, m in state["points"]]
         self.last_epoch = float(state["last_epoch"])
 
 
@@ -312,11 +245,13 @@ def full_masks(model, masks: Masks) -> Masks:
             [torch.ones(b.hidden, dtype=torch.bool) for b in block.branches] for name, block in model.named_blocks()}
 
 
-def branch_channels(model, pairs) -> list[BranchChannels]:
-    """The registered branches of ``model`` (``(entry, dw_bn)`` pairs of the prune registry) for fitting."""
+def branch_channels(model, pairs, penalty: str) -> list[BranchChannels]:
+    """The registered branches of ``model`` (``(entry, dw_bn)`` pairs of the prune registry), costed in the
+    penalty's unit (issue: the budget ranks channels the way the search penalises them)."""
     blocks = dict(model.named_blocks())
     out = []
     for entry, bn in pairs:
         index = [b.kernel for b in blocks[entry.block].branches].index(entry.kernel)
-        out.append(BranchChannels(entry.block, index, bn.weight.detach().abs().cpu(), entry.seconds_per_channel))
+        cost = {"seconds": entry.seconds_per_channel, "macs": entry.macs_per_channel}.get(penalty, 1.0)
+        out.append(BranchChannels(entry.block, index, bn.weight.detach().abs().cpu(), cost, entry.grid))
     return out

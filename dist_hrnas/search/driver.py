@@ -6,17 +6,23 @@ Identical on every rank: rank 0 measures (the profile is broadcast) and its mask
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch
 
 from dist_hrnas.config import Config
 from dist_hrnas.fileio import atomic_write_text
-from dist_hrnas.latency import (LatencyProfile, Timer, measure_network_on_rank0, profile_on_rank0,
+from dist_hrnas.latency import (LatencyProfile, Timer, make_timer, measure_network_on_rank0, profile_on_rank0,
                                 start_network_timer)
-from dist_hrnas.models import HRNet, count_macs
+from dist_hrnas.latency.calibration import Parts
+from dist_hrnas.latency.measure import compare_networks
+from dist_hrnas.models import HRNet, count_macs, model_from_arch
 from dist_hrnas.names import RunFiles
-from dist_hrnas.search.budget import BudgetSteer, branch_channels, full_masks
+from dist_hrnas.parallel import comm
+from dist_hrnas.search.budget import BudgetSteer
+from dist_hrnas.search.decide import (REFUSED_BRANCH_SLOWER, REFUSED_NETWORK_SLOWER, Decision, decide_by_measurement,
+                                      decide_by_model)
 from dist_hrnas.search.masks import (Masks, dead_channels, keep_branches_that_would_slow_down, predict_after_masks,
                                      smallest_predicted_s)
 from dist_hrnas.search.registry import PruneRegistry, rho_at, should_shrink
@@ -25,9 +31,6 @@ from dist_hrnas.search.registry import PruneRegistry, rho_at, should_shrink
 # corrective shrink is sized on the safe side (see BudgetSteer), so it may take a few.
 LAST_EPOCH_ATTEMPTS = 5
 
-# prune/shrink_refused values: why a shrink kept channels or did not happen
-REFUSED_BRANCH_SLOWER = 1   # some branches keep their channels: narrower would run slower (a staircase step)
-REFUSED_NETWORK_SLOWER = 2  # the whole shrink is refused: the network would not get faster
 
 
 class Search:
@@ -59,6 +62,8 @@ class Search:
         self.pairs = self.registry.bns(model)
         self.start_logged = saved is not None  # a resumed run logged its start already
         self.predicted_now_s = self.profile.predict_s(model)
+        self.candidate_networks_timed = 0  # end-to-end figures taken to decide shrinks (the overhead benchmark)
+        self.candidate_timing_s = 0.0
         self.budget: BudgetSteer | None = None
         if self.enabled and cfg.prune.has_budget:
             self.budget = BudgetSteer(cfg.prune, cfg.train.epochs, self.latency_ms_supernet / 1e3,
@@ -119,21 +124,32 @@ class Search:
         """Channels whose scale (or EMA scale) is above the threshold; at the last epoch the EMA alone decides."""
         return self.registry.masks(model, ema_model, ema_only=last_epoch and ema_model is not None)
 
-    def fit_to_budget(self, model: HRNet, masks: Masks, epoch: int, last_epoch: bool) -> Masks:
-        """With a budget: the masks fitted to it (a shrink aims at the target); else ``masks`` as they are."""
-        if self.budget is None:
-            return masks
-        masks = full_masks(model, masks)
-        self.budget.fit(masks, branch_channels(model, self.pairs), self.predicted_now_s, epoch + 1.0, last_epoch,
-                        predict=lambda m: predict_after_masks(self.profile, model, m))
-        return masks
+    def decide(self, model: HRNet, masks: Masks, epoch: int, last_epoch: bool) -> Decision:
+        """Which channels this shrink takes (rank 0's decision, the same on every rank) and whether it is due.
+
+        When the target is this machine the candidate is measured before any rank cuts (:mod:`search.decide`);
+        with ``latency.lut_device`` the calibrated latency model decides.
+        """
+        if self.cfg.latency.lut_device:
+            return decide_by_model(self, model, masks, epoch, last_epoch)
+        return decide_by_measurement(self, model, masks, epoch, last_epoch)
+
+    def compare_on_rank0(self, archs: list[dict]) -> list[tuple[float, float]]:
+        """Rank 0 times ``archs`` end to end in the same rounds (fresh processes unless
+        ``latency.clean_process=false``); every rank gets each one's (seconds, spread of its rounds)."""
+        start = time.perf_counter()
+        models = [model_from_arch(a) for a in archs]
+        figures = compare_networks(models, self.image_size, self.cfg.latency, self.timer or make_timer(self.cfg.latency),
+                                   self.network_timer)
+        self.candidate_networks_timed += len(archs)
+        self.candidate_timing_s += time.perf_counter() - start
+        return figures
 
     def review(self, model: HRNet, masks: Masks, last_epoch: bool) -> tuple[bool, list[int]]:
-        """(shrink now?, refusal codes) for rank 0's broadcast ``masks``; branches whose narrower width would
-        run slower keep their channels (edits ``masks``)."""
+        """(shrink now?, refusal codes) for ``masks`` by the latency model alone; branches whose narrower width
+        would run slower keep their channels (edits ``masks``)."""
         refused = [REFUSED_BRANCH_SLOWER] if keep_branches_that_would_slow_down(self.profile, model, masks) else []
-        if not should_shrink(self.cfg.prune, self.registry.pruned_seconds(model, masks), dead_channels(masks),
-                             last_epoch):
+        if not self.due(model, masks, last_epoch):
             return False, refused
         if predict_after_masks(self.profile, model, masks) >= self.predicted_now_s:
             # the latency model says this shrink would not make the network faster (a staircase step):
@@ -141,9 +157,19 @@ class Search:
             return False, refused + [REFUSED_NETWORK_SLOWER]
         return True, refused
 
+    def due(self, model: HRNet, masks: Masks, last_epoch: bool) -> bool:
+        """Dead channels worth ``prune.shrink_delta_seconds`` (or any, at the last epoch)."""
+        return should_shrink(self.cfg.prune, self.registry.pruned_seconds(model, masks), dead_channels(masks),
+                             last_epoch)
+
     # ---- after a shrink
-    def after_surgery(self, model: HRNet) -> None:
-        """Registry, BN pairs and the cached prediction follow the shrunk model."""
+    def after_surgery(self, model: HRNet, measured: list[tuple[Parts, float]]) -> None:
+        """The calibration takes the networks measured for this shrink (rank 0 fits, every rank gets its
+        coefficients); registry costs, BN pairs and the cached prediction follow the shrunk model."""
+        if measured:
+            for parts, seconds in measured:
+                self.profile.refit(parts, seconds, "shrink")
+            self.profile.calibration.coef = comm.broadcast_object(self.profile.calibration.coef)
         self.registry.update_after_shrink(model, self.profile)
         self.pairs = self.registry.bns(model)
         self.predicted_now_s = self.profile.predict_s(model)

@@ -7,7 +7,8 @@ from types import SimpleNamespace
 import torch
 
 from dist_hrnas.latency.curve import LatencyProfile, branch_key
-from dist_hrnas.models import HRNet
+from dist_hrnas.models import HRNet, export_arch
+from dist_hrnas.parallel import comm
 
 Masks = dict[str, list[torch.Tensor]]
 
@@ -35,19 +36,48 @@ def unflatten_masks(model: HRNet, flat: torch.Tensor) -> Masks:
     return out
 
 
+def broadcast_masks(model: HRNet, masks: Masks) -> Masks:
+    """Rank 0's masks on every rank, as one flat bool tensor (sizes follow from the shared architecture)."""
+    flat = flatten_masks(model, masks).to(torch.uint8)
+    comm.broadcast_(flat, src=0)
+    return unflatten_masks(model, flat.bool())
+
+
 def dead_channels(masks: Masks) -> int:
     return sum(int((~m).sum()) for ms in masks.values() for m in ms)
 
 
-def predict_after_masks(profile: LatencyProfile, model: HRNet, masks: Masks) -> float:
-    """Predicted seconds of ``model`` shrunk by ``masks``, without building it (same widths surgery gives)."""
+def shrunk_view(model: HRNet, masks: Masks) -> SimpleNamespace:
+    """What the latency model reads of ``model`` shrunk by ``masks`` (block names, kernels, widths), unbuilt."""
     blocks = []
     for name, block in model.named_blocks():
         given = masks.get(name)
         kept = [SimpleNamespace(kernel=b.kernel, hidden=int(given[i].sum()) if given is not None else b.hidden)
                 for i, b in enumerate(block.branches)]
         blocks.append((name, SimpleNamespace(branches=[b for b in kept if b.hidden > 0])))
-    return profile.predict_s(SimpleNamespace(named_blocks=lambda: blocks))
+    return SimpleNamespace(named_blocks=lambda: blocks)
+
+
+def arch_after_masks(model: HRNet, masks: Masks) -> dict:
+    """The architecture surgery by ``masks`` gives (to build and time a candidate before any surgery)."""
+    arch = export_arch(model)
+    for entry in arch["blocks"]:
+        given = masks.get(entry["name"])
+        if given is not None:
+            widths = [int(m.sum()) for m in given]
+            entry["kernel_sizes"] = [k for k, w in zip(entry["kernel_sizes"], widths) if w > 0]
+            entry["widths"] = [w for w in widths if w > 0]
+    return arch
+
+
+def predict_after_masks(profile: LatencyProfile, model: HRNet, masks: Masks) -> float:
+    """Predicted seconds of ``model`` shrunk by ``masks``, without building it (same widths surgery gives)."""
+    return profile.predict_s(shrunk_view(model, masks))
+
+
+def whole_branches_only(masks: Masks) -> Masks:
+    """``masks`` keeping only the removal of whole branches (every partly cut branch kept whole)."""
+    return {name: [m if not bool(m.any()) else torch.ones_like(m) for m in ms] for name, ms in masks.items()}
 
 
 # A branch keeps its channels only when its curve says the narrower width is clearly slower: curve samples

@@ -30,6 +30,7 @@ class PrunableBranch:
     seconds_per_channel: float
     macs_per_channel: float
     penalty: float = 1.0
+    grid: int = 1              # surviving widths are kept multiples of this (prune.round_to)
 
 
 def rho_at(cfg: PruneConfig, epoch: float) -> float:
@@ -79,7 +80,8 @@ class PruneRegistry:
                 entries.append(PrunableBranch(
                     key=key, block=name, kernel=branch.kernel, width=branch.hidden,
                     seconds_per_channel=profile.per_channel_s(key),
-                    macs_per_channel=macs_under(macs, f"{name}.branches.{i}") / branch.hidden))
+                    macs_per_channel=macs_under(macs, f"{name}.branches.{i}") / branch.hidden,
+                    grid=auto_grid(profile.grid(key), branch.hidden) if cfg.round_to == "auto" else int(cfg.round_to)))
         return cls(cfg, entries)
 
     def renormalise(self) -> None:
@@ -121,7 +123,8 @@ class PruneRegistry:
         for name, block in model.named_blocks():
             block_masks, any_dead = [], False
             for i, branch in enumerate(block.branches):
-                if branch_key(name, branch.kernel) not in self.entries:
+                entry = self.entries.get(branch_key(name, branch.kernel))
+                if entry is None:
                     block_masks.append(torch.ones(branch.hidden, dtype=torch.bool))
                     continue
                 score = branch.dw_bn.weight.detach().abs().cpu()
@@ -129,8 +132,8 @@ class PruneRegistry:
                     ema_score = ema_blocks[name].branches[i].dw_bn.weight.detach().abs().cpu()
                     score = ema_score if ema_only else torch.maximum(score, ema_score)
                 live = score > thr  # alive if gamma or its EMA is (or, at the end, the EMA alone)
-                if self.cfg.round_to > 1 and not bool(live.all()):
-                    live = round_mask(score, int(live.sum()), self.cfg.round_to)
+                if entry.grid > 1 and not bool(live.all()):
+                    live = round_mask(score, int(live.sum()), entry.grid)
                 any_dead |= not bool(live.all())
                 block_masks.append(live)
             if any_dead:
@@ -155,7 +158,8 @@ class PruneRegistry:
         at the new width, so the cost follows the staircase as the branch narrows (``average`` keeps the
         supernet's seconds / width, the seed's rule).
         """
-        refresh = profile is not None and profile.cost == "marginal"
+        # the calibration is refitted after every shrink: costs follow it (and, for marginal, the new width)
+        refresh = profile is not None
         alive = {}
         for name, block in model.named_blocks():
             for branch in block.branches:
@@ -163,7 +167,8 @@ class PruneRegistry:
                 if key in self.entries:
                     self.entries[key].width = branch.hidden
                     if refresh:
-                        self.entries[key].seconds_per_channel = profile.per_channel_s(key, branch.hidden)
+                        width = branch.hidden if profile.cost == "marginal" else None
+                        self.entries[key].seconds_per_channel = profile.per_channel_s(key, width)
                     alive[key] = self.entries[key]
         self.entries = alive
         self.renormalise()
@@ -177,6 +182,13 @@ class PruneRegistry:
     @classmethod
     def from_state_dict(cls, cfg: PruneConfig, state: dict) -> "PruneRegistry":
         return cls(cfg, [PrunableBranch(**e) for e in state["entries"]])
+
+
+def auto_grid(grid: int, width: int) -> int:
+    """The curve's grid, halved until it divides the branch's width (rounding up must never exceed it)."""
+    while grid > 1 and width % grid:
+        grid //= 2
+    return grid
 
 
 def round_mask(score: torch.Tensor, alive: int, multiple: int) -> torch.Tensor:

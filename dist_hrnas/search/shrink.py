@@ -21,8 +21,9 @@ from dist_hrnas.names import Tags
 from dist_hrnas.parallel import comm
 from dist_hrnas.parallel.rewrap import TrainState, rewrap
 from dist_hrnas.search import board
+from dist_hrnas.search.decide import Decision
 from dist_hrnas.search.driver import Search
-from dist_hrnas.search.masks import Masks, dead_channels, flatten_masks, unflatten_masks
+from dist_hrnas.search.masks import dead_channels
 from dist_hrnas.search.surgery import carry_optimizer_state, shrink_model
 
 
@@ -42,13 +43,6 @@ class ShrinkRecord:
 
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "extra"} | self.extra
-
-
-def broadcast_masks(model: HRNet, masks: Masks) -> Masks:
-    """Rank 0's masks on every rank, as one flat bool tensor (sizes follow from the shared architecture)."""
-    flat = flatten_masks(model, masks).to(torch.uint8)
-    comm.broadcast_(flat, src=0)
-    return unflatten_masks(model, flat.bool())
 
 
 def model_hashes(model: HRNet) -> tuple[str, str]:
@@ -76,10 +70,11 @@ def check_same_on_all_ranks(model: HRNet, step: int) -> tuple[str, list[str]]:
 
 def after_eval(search: Search, state: TrainState, ctx: comm.DistContext, last_epoch: bool, epoch: int,
                calibration_batches: Callable[[], Iterable], writer: NullWriter) -> bool:
-    """Decide (rank 0) and, if due, shrink on every rank. Returns whether a shrink happened.
+    """Decide (rank 0, measuring candidates when the target is this machine) and, if due, shrink on every rank.
+    Returns whether a shrink happened.
 
-    With a budget, masks are fitted to the target first, nothing shrinks once it is met, and at the last epoch
-    corrective shrinks follow (at most ``Search.attempts``) while the measured latency is still above it.
+    With a budget nothing shrinks once it is met, and at the last epoch corrective shrinks follow (at most
+    ``Search.attempts``) while the measured latency is still above it.
     """
     if not search.active:
         return False
@@ -89,40 +84,42 @@ def after_eval(search: Search, state: TrainState, ctx: comm.DistContext, last_ep
     masks = search.proposed_masks(model, ema_model, last_epoch)
     shrunk = False
     for _ in range(search.attempts(last_epoch)):
-        masks = broadcast_masks(model, search.fit_to_budget(model, masks, epoch, last_epoch))
-        due, refusals = search.review(model, masks, last_epoch)
-        for code in refusals:
+        decision = search.decide(model, masks, epoch, last_epoch)
+        for code in decision.refusals:
             writer.scalar(Tags.SHRINK_REFUSED, code, state.step)
-        if not due:
+        if not decision.due:
             break
-        shrink(search, state, ctx, masks, epoch, calibration_batches, writer)
+        shrink(search, state, ctx, decision, epoch, calibration_batches, writer)
         shrunk = True
         if search.budget is None or search.budget.done or not last_epoch:
             break
-        masks = {}  # still above the target at the end: fit the whole network again, forced
+        masks = {}  # still above the target at the end: fit the whole network again
     return shrunk
 
 
-def shrink(search: Search, state: TrainState, ctx: comm.DistContext, masks: Masks, epoch: int,
+def shrink(search: Search, state: TrainState, ctx: comm.DistContext, decision: Decision, epoch: int,
            calibration_batches: Callable[[], Iterable], writer: NullWriter) -> dict:
     """Surgery -> agree -> re-wrap -> BN re-calibration -> measure -> log, on every rank. Returns the record."""
-    model, ema_model = state.model, state.ema.module if state.ema else None
+    model, ema_model, masks = state.model, state.ema.module if state.ema else None, decision.masks
     before_ms = search.predicted_now_s * 1e3
     old_params = dict(model.named_parameters())
     result = shrink_model(model, masks)
     if ema_model is not None:
         shrink_model(ema_model, masks)
     arch_hash, rank_hashes = check_same_on_all_ranks(model, state.step)
-    search.after_surgery(model)
+    search.after_surgery(model, decision.probes)
     rewrap(state, search.cfg, ctx, lambda old, new: carry_optimizer_state(old, old_params, new, model, result))
     if search.cfg.prune.bn_calibration_steps:
         calibrate_bn(model, calibration_batches(), search.cfg.prune.bn_calibration_steps,
                      next(model.parameters()).device)
         comm.sync_bn_buffers_(model)  # each rank calibrated on its own shard
-    measured_ms, remeasured = _measure(search, model)
+    measured_ms, remeasured = _measure(search, model, decision)
     after_ms = search.predicted_now_s * 1e3
     extra = {"latency_error_pct_after": round(board.error_pct(after_ms, measured_ms), 3),
-             "arch_hash": arch_hash, "rank_hashes": rank_hashes, "remeasured": remeasured}
+             "arch_hash": arch_hash, "rank_hashes": rank_hashes, "remeasured": remeasured,
+             "measured_before_cut": decision.measured_s is not None}
+    if decision.before_s is not None:  # the network before this shrink, re-timed in the same rounds
+        extra["latency_ms_measured_before"] = round(decision.before_s * 1e3, 4)
     if search.budget is not None:
         search.budget.observe(search.predicted_now_s, measured_ms / 1e3)
         extra |= {"target_latency_ms": round(search.budget.target_s * 1e3, 4), "budget_met": search.budget.done}
@@ -139,8 +136,12 @@ def shrink(search: Search, state: TrainState, ctx: comm.DistContext, masks: Mask
     return record
 
 
-def _measure(search: Search, model: HRNet) -> tuple[float, bool]:
-    """(end-to-end ms after the shrink, whether it was measured twice); also kept in ``search``."""
+def _measure(search: Search, model: HRNet, decision: Decision) -> tuple[float, bool]:
+    """(end-to-end ms after the shrink, whether it was measured twice); also kept in ``search``. A network measured
+    before the cut is not timed again: latency depends on the architecture only."""
+    if decision.measured_s is not None:
+        search.latency_ms_measured = decision.measured_s * 1e3
+        return search.latency_ms_measured, False
     before_ms = search.latency_ms_measured
     measured_ms = search.end_to_end_ms(model)
     remeasured = measured_ms > before_ms and not search.cfg.latency.lut_device

@@ -41,7 +41,7 @@ def test_children_are_new_processes_every_time(monkeypatch):
     import dist_hrnas.latency.clean_process as clean_process
 
     monkeypatch.setattr(clean_process, "_time_network", _pid)
-    timer = CleanProcessTimer(_cfg().latency, 16)
+    timer = CleanProcessTimer(_cfg("latency.network_spread=1e9").latency, 16)     # pids as seconds: no retakes
     timer._ctx = multiprocessing.get_context("spawn")             # the stand-in lives in this test module
     pids = {timer(build_model(_cfg().model)) for _ in range(2)}
     assert len(pids) == 2 and os.getpid() not in pids
@@ -66,7 +66,8 @@ def test_a_child_that_dies_or_fails_is_an_error_naming_the_setting_not_a_hang():
 def test_a_search_times_the_supernet_in_a_clean_process_unless_told_not_to(tmp_path):
     cfg = _cfg()
     search = Search(cfg, build_model(cfg.model), cfg.data.image_size, tmp_path)
-    assert search.network_timer is not None and search.network_timer.calls == 1    # the supernet, at start
+    # the supernet and the calibration's sampled sub-networks, at start
+    assert search.network_timer is not None and search.network_timer.calls == 1 + cfg.latency.calibration_networks
     assert search.latency_ms_supernet > 0
     off = _cfg("latency.clean_process=false")
     assert start_network_timer(off.latency, 16) is None

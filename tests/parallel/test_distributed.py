@@ -13,7 +13,8 @@ from dist_hrnas.config import LatencyConfig, load_config
 from dist_hrnas.latency import Timer, branch_widths, profile_on_rank0
 from dist_hrnas.metrics import read_scalars, read_tags
 from dist_hrnas.models import build_model
-from dist_hrnas.search.shrink import broadcast_masks, check_same_on_all_ranks
+from dist_hrnas.search.masks import broadcast_masks
+from dist_hrnas.search.shrink import check_same_on_all_ranks
 from dist_hrnas.search.surgery import shrink_model
 from tests.conftest import CONFIGS, PYTHON, SEARCH
 from tests.multirank import run_ranks
@@ -28,18 +29,20 @@ def _model():
     return build_model(load_config(CONFIGS / "digits.yaml").model)
 
 
-def _profile_rank(rank: int) -> tuple[int, list[float]]:
+def _profile_rank(rank: int) -> tuple[int, list[float], dict]:
     model = _model()
     timer = Timer(torch.device("cpu"), warmup=0, repeats=1)
-    profile = profile_on_rank0(model, 32, LatencyConfig(warmup=0, repeats=1), timer)
-    return timer.calls, profile.to_tensor(list(branch_widths(model))).tolist()
+    cfg = LatencyConfig(warmup=0, repeats=1, network_repeats=3, calibration_networks=4)
+    profile = profile_on_rank0(model, 32, cfg, timer)
+    return timer.calls, profile.to_tensor(list(branch_widths(model))).tolist(), profile.calibration.state_dict()
 
 
 def test_only_rank0_calls_the_timer_and_all_ranks_get_its_figures():
-    (s0, (calls0, fig0)), (s1, (calls1, fig1)) = run_ranks(_profile_rank)
-    assert s0 == s1 == "ok"
+    (s0, r0), (s1, r1) = run_ranks(_profile_rank)
+    assert s0 == s1 == "ok", (r0, r1)
+    (calls0, fig0, cal0), (calls1, fig1, cal1) = r0, r1
     assert calls0 > 0 and calls1 == 0
-    assert fig0 == fig1
+    assert fig0 == fig1 and cal0 == cal1 and len(cal0["points"]) == 5  # the supernet and 4 sampled networks
     # every timing is positive; fig0[2] is the calibration (measured minus predicted supernet), either sign
     assert all(v > 0 for v in fig0[:2] + fig0[3:]) and math.isfinite(fig0[2])
 

@@ -1,4 +1,5 @@
-"""Budget arithmetic: the planned schedule, the rho controller in closed loop, fitting masks to the target."""
+"""Budget arithmetic: the planned schedule, the rho controller in closed loop, ranking channels, choosing among
+measured candidates; and budget searches measured before they cut."""
 from __future__ import annotations
 
 import json
@@ -7,8 +8,9 @@ import math
 import pytest
 import torch
 
-from dist_hrnas.search.budget import BranchChannels, BudgetSteer, PrunedSecondsPlan, RhoController, fit_masks_to_budget
 from dist_hrnas.config import PruneConfig
+from dist_hrnas.search.budget import (BranchChannels, BudgetSteer, PrunedSecondsPlan, RhoController, masks_without,
+                                      ranked_channels)
 
 
 @pytest.mark.parametrize("shape", ["linear", "cosine", "exp"])
@@ -72,92 +74,45 @@ def _branches() -> tuple[dict, list[BranchChannels]]:
     return masks, [a, b]
 
 
-def test_dead_channels_that_undershoot_are_revived_best_value_per_second_first():
-    masks, branches = _branches()
-    # 20 s network; the masks would remove 3 x 1 s + 2 x 2 s = 7 s -> 13 s; target 16.5 s, 5% tolerance
-    fit = fit_masks_to_budget(masks, branches, current_s=20.0, target_s=16.5, tolerance=0.05, force=False)
-    # candidates by |gamma| per second: a1 0.4, a2 0.3, a3 0.2, b1 0.05, b2 0.025 -> a1, a2, a3 fit (16 s)
-    assert fit.revived == 3 and fit.latency_s_after == pytest.approx(16.0)
-    assert masks["a"][0].all() and masks["b"][0].tolist() == [True, False, False, True]
-    assert 16.5 * 0.95 <= fit.latency_s_after <= 16.5
+# ---- choosing what a budget shrink takes
+
+def _steer(**prune) -> BudgetSteer:
+    return BudgetSteer(PruneConfig(**{"target_ratio": 0.5, "budget_tolerance": 0.05, "epoch_target": 4.0} | prune),
+                       epochs=8, supernet_measured_s=100.0, supernet_predicted_s=100.0, smallest_predicted_s=1.0,
+                       where="cpu")
 
 
-def test_within_tolerance_nothing_changes_and_over_target_only_force_removes():
-    masks, branches = _branches()
-    fit = fit_masks_to_budget(masks, branches, current_s=20.0, target_s=13.5, tolerance=0.05, force=False)
-    assert fit.revived == fit.removed == 0 and fit.latency_s_after == pytest.approx(13.0)
-    fit = fit_masks_to_budget(masks, branches, current_s=20.0, target_s=10.0, tolerance=0.05, force=False)
-    assert fit.removed == 0 and fit.latency_s_after == pytest.approx(13.0)
-    fit = fit_masks_to_budget(masks, branches, current_s=20.0, target_s=10.0, tolerance=0.05, force=True)
-    # live: a0 0.5/s, b0 0.45/s, b3 0.3/s -> remove b3 (11 s); at most half of the live channels go per shrink
-    assert fit.removed == 1 and fit.latency_s_after == pytest.approx(11.0)
-    fit = fit_masks_to_budget(masks, branches, current_s=20.0, target_s=10.0, tolerance=0.05, force=True)
-    assert fit.removed == 1 and fit.latency_s_after == pytest.approx(9.0)  # the next shrink: b0 -> 9 s
-    assert masks["b"][0].tolist() == [False, False, False, False] and masks["a"][0].tolist()[0]
-
-
-def test_fit_follows_a_ceiling_above_the_target_mid_search():
-    masks, branches = _branches()
-    # the plan says 18 s by now (final target 10 s): the dead channels would run ahead of it to 13 s, so the
-    # most valuable ones come back: a1, a2, a3 (1 s each, 0.4/0.3/0.2 per s), then b1 (2 s, 0.05 per s) -> 18 s
-    fit = fit_masks_to_budget(masks, branches, current_s=20.0, target_s=10.0, tolerance=0.05, force=True,
-                              ceiling_s=18.0)
-    assert fit.revived == 4 and fit.removed == 0 and fit.latency_s_after == pytest.approx(18.0)
+def test_channels_are_ranked_by_worth_per_unit_of_the_penalty_cost_and_removed_on_the_grid():
+    a = BranchChannels("a", 0, torch.tensor([0.5, 0.1, 0.9, 0.0]), cost_per_channel=1.0)
+    b = BranchChannels("b", 0, torch.tensor([0.5, 0.5, 0.5, 0.5]), cost_per_channel=10.0, grid=2)
+    ranked = ranked_channels([a, b])
+    assert [(br.block, c) for _, br, c in ranked[:4]] == [("a", 3), ("b", 0), ("b", 1), ("b", 2)]  # 0, 0.05 x4
     masks = {"a": [torch.ones(4, dtype=torch.bool)], "b": [torch.ones(4, dtype=torch.bool)]}
-    fit = fit_masks_to_budget(masks, branches, current_s=20.0, target_s=10.0, tolerance=0.05, force=True,
-                              ceiling_s=17.0)
-    # live by |gamma| per second: b2 0.025, b1 0.05 -> 16 s <= 17 s
-    assert fit.removed == 2 and fit.latency_s_after == pytest.approx(16.0)
-    assert masks["b"][0].tolist() == [True, False, False, True]
+    out = masks_without(masks, ranked, 2)               # a's dead channel and one of b's ...
+    assert out["a"][0].tolist() == [True, True, True, False]
+    assert int(out["b"][0].sum()) == 4                  # ... but b keeps a multiple of 2: the channel comes back
+    out = masks_without(masks, ranked, 3)
+    assert int(out["b"][0].sum()) == 2 and masks["b"][0].all()  # two gone; the input masks are untouched
+    assert int(masks_without(masks, ranked, 8)["b"][0].sum()) == 0  # a branch may still go whole
 
 
-def _with_launch_overhead(branches: list[BranchChannels], overhead_s: float):
-    """A latency model where a branch costs its channels plus a launch overhead while any channel is alive."""
-    def predict(masks: dict) -> float:
-        return sum(float(masks[b.block][b.index].sum()) * b.seconds_per_channel +
-                   (overhead_s if bool(masks[b.block][b.index].any()) else 0.0) for b in branches)
-    return predict
+def test_the_candidate_measured_slowest_at_or_under_the_aim_is_taken_else_the_fastest():
+    steer = _steer()
+    assert steer.pick({10: 0.0512, 20: 0.0498, 30: 0.0480}, aim_s=0.05) == 20
+    assert steer.pick({10: 0.0600, 20: 0.0550}, aim_s=0.05) == 20     # none meets it: the fastest, go on later
+    assert steer.pick({10: 0.0490, 20: 0.0490}, aim_s=0.05) == 10     # a tie: the fewer channels
 
 
-def test_fit_judges_how_many_channels_by_the_whole_network_prediction():
-    a = BranchChannels("a", 0, torch.tensor([0.01, 0.02]), seconds_per_channel=1.0)
-    b = BranchChannels("b", 0, torch.tensor([0.5, 0.6, 0.7, 0.8]), seconds_per_channel=1.0)
-    masks = {"a": [torch.ones(2, dtype=torch.bool)], "b": [torch.ones(4, dtype=torch.bool)]}
-    predict = _with_launch_overhead([a, b], overhead_s=3.0)
-    assert predict(masks) == 12.0
-    # by the per-channel sum, 3 channels must go to reach 9 s; but emptying branch a also drops its 3 s launch
-    # overhead, so a's 2 channels already take the network to 7 s: the fit stops there
-    fit = fit_masks_to_budget(masks, [a, b], current_s=12.0, target_s=9.0, tolerance=0.5, force=True,
-                              predict=predict)
-    assert fit.removed == 2 and fit.latency_s_after == pytest.approx(7.0)
-    assert not masks["a"][0].any() and masks["b"][0].all()
-
-
-def test_the_last_fit_aims_inside_the_band_under_the_target():
-    prune = PruneConfig(target_ratio=0.5, budget_tolerance=0.05, epoch_target=4.0)
-    steer = BudgetSteer(prune, epochs=8, supernet_measured_s=100.0, supernet_predicted_s=100.0,
-                        smallest_predicted_s=1.0, where="cpu")
-    branches = [BranchChannels("a", 0, torch.linspace(0.01, 1.0, 100), seconds_per_channel=1.0)]
-    masks = {"a": [torch.arange(100) >= 40]}  # the 40 lowest |gamma| are dead already: 60 s
-    fit = steer.fit(masks, branches, current_predicted_s=100.0, epoch=8.0, last_epoch=True)
-    # measured = predicted here: the last shrink aims at target * (1 - 0.3 tolerance) = 49.25 s, not at 50 s,
-    # so timing noise of a percent or two still ends inside [47.5, 50]
-    assert fit.latency_s_after == pytest.approx(49.0)  # whole channels: the first width at or under 49.25
-    mid = steer.fit({"a": [torch.ones(100, dtype=torch.bool)]}, branches, 100.0, epoch=2.0, last_epoch=False)
-    assert mid.latency_s_after == pytest.approx(74.0)  # halfway through the plan: halfway to 49.25 s
-
-    # after a shrink measured 60 -> 55 s for 20 -> 15 predicted seconds (slope 1, ratio 3.67): the next shrink is
-    # sized with the ratio, the steeper of the two, so it removes (55 - 49.25) / 3.67 = 1.57 predicted seconds
-    steer.observe(predicted_s=20.0, measured_s=60.0)
-    steer.observe(predicted_s=15.0, measured_s=55.0)
-    assert not steer.done and steer.slope() == pytest.approx(55.0 / 15.0)
-    assert steer.predicted_for(49.25) == pytest.approx(15.0 - 5.75 / (55.0 / 15.0))
-    # 55 s is within two tolerances of the 50 s target: the fit takes half of that gap, approaching from above
-    close = steer.fit({"a": [torch.ones(100, dtype=torch.bool)]}, branches, 15.0, epoch=8.0, last_epoch=True,
-                      predict=lambda m: 15.0 - 0.02 * float((~m["a"][0]).sum()))
-    assert close.latency_s_after == pytest.approx(15.0 - 0.5 * 5.75 / (55.0 / 15.0), abs=0.02)
-    steer.observe(predicted_s=14.0, measured_s=49.0)   # slope 6 between the last two: steeper, capped at 2x ratio
-    assert steer.done and steer.slope() == pytest.approx(min(6.0, 2 * 49.0 / 14.0))
+def test_probes_bracket_the_aim_by_the_latency_model_and_the_aim_follows_the_plan():
+    steer = _steer()
+    predict = lambda k: 100.0 - k  # noqa: E731 - one second per channel
+    assert steer.probe_ks(100, predict, aim_s=50.0) == [49, 52, 54]    # 50.0 * (1 + 0.025), (1 - 0.025), (1 - 0.075)
+    assert steer.aim_s(epoch=2.0, last_epoch=False) == pytest.approx(75.0)  # half the plan by epoch 2 of 4
+    assert steer.aim_s(epoch=2.0, last_epoch=True) == pytest.approx(50.0)   # the target at the end
+    steer.observe(predicted_s=60.0, measured_s=66.0)                  # the model reads 10 % low now
+    assert steer.to_predicted(66.0) == pytest.approx(60.0) and not steer.done
+    steer.observe(predicted_s=45.0, measured_s=49.5)
+    assert steer.done
 
 
 # ---- the budget in a real (small) search
@@ -226,47 +181,69 @@ def test_zero_or_negative_budgets_are_config_errors(budget, needle):
         load_config(CONFIGS / "digits.yaml", [budget])
 
 
-def test_a_shrink_the_latency_model_predicts_slower_is_refused(tmp_path):
-    """Monotonic shrinking: on a staircase where half the width runs slower than all of it, that branch keeps
-    its channels; with nothing else to remove, the shrink is refused."""
+def test_a_shrink_the_latency_model_predicts_slower_is_refused_without_a_device(tmp_path):
+    """Monotonic shrinking by the model (``latency.lut_device``: nothing can be measured): on a staircase where
+    half the width runs slower than all of it, that branch keeps its channels; with nothing else to remove, the
+    shrink is refused."""
     from dist_hrnas.config import load_config
-    from dist_hrnas.metrics import read_scalars, make_writer
     from dist_hrnas.models import build_model
-    from dist_hrnas.parallel.comm import DistContext
-    from dist_hrnas.parallel.rewrap import build_state
-    from dist_hrnas.search import Search, after_eval
+    from dist_hrnas.search import Search
+    from dist_hrnas.search.decide import REFUSED_BRANCH_SLOWER, decide_by_model
     from dist_hrnas.search.masks import predict_after_masks
     from tests.conftest import CONFIGS, SEARCH
 
-    cfg = load_config(CONFIGS / "digits.yaml", [*SEARCH, "prune.threshold=1e-3"])
+    cfg = load_config(CONFIGS / "digits.yaml", [*SEARCH, "prune.threshold=1e-3", "prune.round_to=1"])
     torch.manual_seed(0)
     model = build_model(cfg.model)
     search = Search(cfg, model, 16, tmp_path)
     entry, bn = search.pairs[0]
     width = entry.width
+    search.profile.calibration = None                                           # the plain sum, for a clear dip
     search.profile.curves[entry.key] = [[width / 2, 1.0], [float(width), 0.5]]  # the dip: narrower is slower
     search.predicted_now_s = search.profile.predict_s(model)
     with torch.no_grad():
         bn.weight[width // 2:] = 0.0                                           # half the channels dead
     masks = search.registry.masks(model)
     assert predict_after_masks(search.profile, model, masks) > search.predicted_now_s
-    writer = make_writer(tmp_path, True, True)
-    state = build_state(cfg, DistContext(), model, 0.1, 10, None, step=3)
-    engine = state.engine
-    shrunk = after_eval(search, state, DistContext(), False, 0, lambda: [], writer)
-    writer.close()
-    assert not shrunk and search.shrinks == [] and entry.width == width
-    assert state.engine is engine  # nothing was re-wrapped
-    assert read_scalars(tmp_path / "tb")["prune/shrink_refused"] == [(3, 1.0)]
+    decision = decide_by_model(search, model, masks, epoch=0, last_epoch=False)
+    assert not decision.due and decision.refusals == [REFUSED_BRANCH_SLOWER] and entry.width == width
     assert bool(bn.weight[: width // 2].ne(0).all())
 
 
-def test_dead_channels_a_few_percent_under_the_aim_are_revived():
-    steer = BudgetSteer(PruneConfig(target_ratio=0.5, budget_tolerance=0.05, epoch_target=4.0), epochs=8,
-                        supernet_measured_s=100.0, supernet_predicted_s=100.0, smallest_predicted_s=1.0, where="cpu")
-    branches = [BranchChannels("a", 0, torch.linspace(0.01, 1.0, 100), seconds_per_channel=1.0)]
-    # the L1 term zeroed 53 channels: 47 s, 4.6 % under the 49.25 s aim (inside a 5 % band, so the old fit kept
-    # it); the shrink lands within 1.5 % under the aim instead, with the best of the dead channels back
-    fit = steer.fit({"a": [torch.arange(100) >= 53]}, branches, current_predicted_s=100.0, epoch=8.0,
-                    last_epoch=True)
-    assert fit.revived == 2 and fit.latency_s_after == pytest.approx(49.0)
+class Device:
+    """A target whose end-to-end seconds follow the architecture exactly (``seconds(model)``); stands in for the
+    clean-process timer (``compare``), so what a budget shrink takes is checked exactly."""
+
+    def __init__(self, seconds):
+        self.seconds, self.compared = seconds, []
+
+    def __call__(self, model) -> float:
+        return self.seconds(model)
+
+    def compare(self, models) -> list[tuple[float, float]]:
+        self.compared.append(len(models))
+        return [(self.seconds(m), 0.0) for m in models]
+
+
+def test_a_budget_is_met_by_measured_candidates_when_the_model_reads_low(tmp_path):
+    from dist_hrnas.config import load_config
+    from dist_hrnas.models import build_model
+    from dist_hrnas.search import Search
+    from dist_hrnas.search.decide import decide_by_measurement
+    from tests.conftest import CONFIGS, SEARCH
+
+    cfg = load_config(CONFIGS / "digits.yaml", [*SEARCH, "prune.target_ratio=0.6", "prune.budget_tolerance=0.05"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    search = Search(cfg, model, 16, tmp_path)
+    profile = search.profile
+    device = search.network_timer = Device(lambda m: 1.2 * profile.predict_s(m))  # the model reads 20 % low
+    supernet_s = device.seconds(model)
+    budget = search.budget
+    budget.supernet_measured_s, budget.target_s = supernet_s, 0.6 * supernet_s
+    budget.points = [(search.supernet_predicted_s, supernet_s)]                    # what the supernet measured
+    decision = decide_by_measurement(search, model, {}, epoch=7, last_epoch=True)
+    assert device.compared == [1 + len(decision.probes)] and len(decision.probes) >= 2  # now + candidates, 1 round
+    assert decision.due and decision.before_s == pytest.approx(supernet_s)
+    # measured, not predicted: the candidate taken lands at or just under the target, inside the band
+    assert budget.target_s * (1 - 2 * budget.tolerance) <= decision.measured_s <= budget.target_s

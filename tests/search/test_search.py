@@ -102,7 +102,8 @@ def test_identical_ops_are_measured_once_and_prediction_matches_the_supernet():
     timer = Timer(torch.device("cpu"), warmup=0, repeats=1, clock=FakeClock(1e-4))
     curves = measure_branches(model, 32, LatencyConfig(width_step=10**6), timer)  # one sample: the width itself
     assert timer.calls == len(distinct) < len(curves)
-    profile = profile_on_rank0(model, 32, LatencyConfig(warmup=0, repeats=2, cost="average"))
+    # the plain per-op sum and its context part (no whole-network calibration: tests/latency/test_calibration.py)
+    profile = profile_on_rank0(model, 32, LatencyConfig(warmup=0, repeats=2, cost="average", calibration_networks=0))
     # predicted = fixed part (timed on its own) + the branches' LUT seconds + each block's join of its branches
     # + the context part, which calibrates the prediction on the measured supernet
     joins = sum(profile.combine_s[n][len(b.branches) - 1] for n, b in model.named_blocks() if b.branches)

@@ -1,0 +1,54 @@
+"""Re-time a finished search's networks afterwards: the supernet and the network after every shrink, rebuilt
+from the run's files, each figure in a fresh process (one per network per round), interleaved in rounds so a
+slow spell of the machine falls on all of them. Shared by bench/latency_accuracy.py (--trajectory) and
+bench/search_quality.py; judge a search by these figures, never by its own."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from pathlib import Path
+
+from dist_hrnas.config import load_config
+from dist_hrnas.latency import CleanProcessTimer
+from dist_hrnas.models import build_model, export_arch, model_from_arch
+from dist_hrnas.names import RunFiles
+
+
+def shrink_archs(run_dir: Path) -> tuple[dict, list[tuple[dict, dict]]]:
+    """(the supernet's architecture, [(shrinks.jsonl record, architecture after that shrink), ...])."""
+    files = RunFiles(Path(run_dir))
+    cfg = load_config(files.config)
+    supernet = export_arch(build_model(cfg.model))
+    out = []
+    records = files.shrinks.read_text().splitlines() if files.shrinks.exists() else []
+    for line in records:
+        rec = json.loads(line)
+        arch = copy.deepcopy(supernet)
+        for entry in arch["blocks"]:
+            entry["kernel_sizes"] = rec["kernel_sizes"][entry["name"]]
+            entry["widths"] = rec["widths"][entry["name"]]
+        out.append((rec, arch))
+    return supernet, out
+
+
+def retime(run_dir: Path, archs: list[dict]) -> list[float]:
+    """Milliseconds of each architecture on this CPU at the run's latency settings (its config.yaml)."""
+    cfg = load_config(RunFiles(Path(run_dir)).config)
+    latency = dataclasses.replace(cfg.latency, clean_process=True, lut="", lut_device="")
+    timer = CleanProcessTimer(latency, cfg.data.image_size)
+    return [s * 1e3 for s, _ in timer.compare([model_from_arch(a) for a in archs])]
+
+
+def retimed_run(run_dir: Path) -> dict:
+    """The run's shrinks with their re-timed figures, before and after each, and the prediction's error."""
+    supernet, shrinks = shrink_archs(run_dir)
+    ms = retime(run_dir, [supernet] + [a for _, a in shrinks])
+    rows = []
+    for i, (rec, _) in enumerate(shrinks):
+        predicted, after, before = rec["latency_ms_predicted_after"], ms[i + 1], ms[i]
+        rows.append({"step": rec["step"], "retimed_ms_before": round(before, 3), "retimed_ms_after": round(after, 3),
+                     "run_measured_ms_after": rec["latency_ms_measured_after"], "predicted_ms_after": predicted,
+                     "error_pct": round(100 * (predicted - after) / after, 2),
+                     "raises_latency": after > 1.02 * before})
+    return {"run_dir": str(run_dir), "supernet_retimed_ms": round(ms[0], 3), "shrinks": rows}

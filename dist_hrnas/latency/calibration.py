@@ -1,0 +1,132 @@
+"""Whole-network calibration of the per-op latency sum.
+
+Ops timed one by one miss what the runtime does across them (fusion, cache contents, dispatch between ops), and
+the miss is not a constant: it differs by resolution (memory-bound high-resolution depthwise work against
+compute-bound low-resolution work) and it accumulates in one direction along a search, which removes exactly the
+channels the per-op sum rates most expensive. So the sum is calibrated on whole networks measured end to end: the
+supernet and sampled sub-networks spanning what a search visits (widths from full to near-empty, whole branches
+removed, on and off the channel grid), plus every network a search measures after a shrink.
+
+The model: measured ~= sum over parts of ``coef[part] * seconds[part]``, the parts being the fixed part (stem,
+shortcuts, fuse, head; constant for one supernet, so its coefficient is the intercept), the block joins, and the
+kernel branches grouped by resolution. Coefficients are non-negative (a part never saves time) and pulled
+gently towards 1 (the per-op sum) so that a few points cannot send them anywhere; residuals are relative (the
+accuracy that matters is in percent) and points far off the fit are dropped before the final fit, so one
+disturbed measurement cannot skew every later prediction.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.optimize import nnls
+
+# Weight of the pull towards coefficient 1, against relative residuals: a coefficient moves away from 1 only when
+# many points agree (one point 10 % off moves a free coefficient by far less than 10 %).
+PRIOR_WEIGHT = 0.1
+# A point whose relative residual is this many robust standard deviations (1.4826 MAD) from the median residual,
+# and more than OUTLIER_FLOOR off, is left out of the final fit: a figure taken while the machine was busy.
+OUTLIER_MADS = 3.5
+OUTLIER_FLOOR = 0.03
+# Fewer points than this: the fit is not trusted, the plain sum plus the supernet's offset is used instead.
+MIN_POINTS = 4
+
+Parts = dict[str, float]  # part name -> predicted seconds of that part (the per-op sum, split)
+
+
+@dataclass
+class Calibration:
+    """Measured whole networks (their parts and seconds) and the coefficients fitted to them."""
+
+    points: list[list] = field(default_factory=list)  # [[parts dict, measured seconds, source], ...]
+    coef: dict[str, float] = field(default_factory=dict)
+    dropped: int = 0                                     # points left out of the last fit as outliers
+
+    def add(self, parts: Parts, measured_s: float, source: str) -> None:
+        self.points.append([dict(parts), float(measured_s), source])
+
+    @property
+    def fitted(self) -> bool:
+        return bool(self.coef)
+
+    def predict(self, parts: Parts) -> float:
+        return sum(self.coef.get(k, 1.0) * v for k, v in parts.items())
+
+    def fit(self) -> "Calibration":
+        """Fit ``coef`` to the points (nothing when there are too few)."""
+        if len(self.points) < MIN_POINTS:
+            self.coef, self.dropped = {}, 0
+            return self
+        cols = sorted({k for parts, _, _ in self.points for k in parts})
+        keep = np.ones(len(self.points), dtype=bool)
+        coef = _solve(self.points, cols, keep)
+        residual = _relative_residuals(self.points, cols, coef)
+        centre = float(np.median(residual))
+        spread = 1.4826 * float(np.median(np.abs(residual - centre)))
+        keep = np.abs(residual - centre) <= max(OUTLIER_MADS * spread, OUTLIER_FLOOR)
+        if not keep.all() and keep.sum() >= MIN_POINTS:
+            coef = _solve(self.points, cols, keep)
+        self.coef = dict(zip(cols, (float(c) for c in coef)))
+        self.dropped = int((~keep).sum())
+        return self
+
+    def errors_pct(self) -> list[float]:
+        """Signed error of the fit on each point, in % of the measurement."""
+        return [100.0 * (self.predict(parts) - m) / m for parts, m, _ in self.points if m > 0]
+
+    def state_dict(self) -> dict:
+        return {"points": [[dict(p), m, s] for p, m, s in self.points], "coef": dict(self.coef),
+                "dropped": self.dropped}
+
+    @classmethod
+    def from_state_dict(cls, state: dict | None) -> "Calibration":
+        if not state:
+            return cls()
+        return cls([[dict(p), float(m), str(s)] for p, m, s in state["points"]], dict(state["coef"]),
+                   int(state.get("dropped", 0)))
+
+
+def _design(points: list[list], cols: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    a = np.array([[parts.get(c, 0.0) for c in cols] for parts, _, _ in points], dtype=np.float64)
+    y = np.array([m for _, m, _ in points], dtype=np.float64)
+    return a, y
+
+
+def _solve(points: list[list], cols: list[str], keep: np.ndarray) -> np.ndarray:
+    """Non-negative least squares on relative residuals, with the pull towards 1."""
+    a, y = _design(points, cols)
+    a, y = a[keep] / y[keep, None], np.ones(int(keep.sum()))
+    prior = PRIOR_WEIGHT * np.eye(len(cols))
+    coef, _ = nnls(np.vstack([a, prior]), np.concatenate([y, PRIOR_WEIGHT * np.ones(len(cols))]))
+    return coef
+
+
+def _relative_residuals(points: list[list], cols: list[str], coef: np.ndarray) -> np.ndarray:
+    a, y = _design(points, cols)
+    return (a @ coef - y) / y
+
+
+def sample_arch_widths(widths: dict[str, list[int]], count: int, grid: int, seed: int = 0) -> list[dict[str, list[int]]]:
+    """``count`` sub-network widths (per block name, one width per branch; 0 = branch removed) spanning a search:
+    from nearly the supernet down to nearly empty, with whole branches removed more often as they get smaller,
+    every other sample on the ``grid`` (multiples of ``grid`` channels), the others anywhere."""
+    out = []
+    for i in range(count):
+        level = 1.0 - 0.9 * i / max(1, count - 1)
+        rng = random.Random(seed * 1000 + i)
+        sample = {}
+        for name, block_widths in widths.items():
+            row = []
+            for w in block_widths:
+                if rng.random() < 0.6 * (1.0 - level):
+                    row.append(0)
+                    continue
+                k = min(w, max(1, round(w * level * rng.uniform(0.75, 1.25))))
+                if i % 2 == 0 and grid > 1:
+                    k = min(w, math.ceil(k / grid) * grid)
+                row.append(k)
+            sample[name] = row
+        out.append(sample)
+    return out

@@ -1,0 +1,137 @@
+"""Whole-network calibration, settled end-to-end figures, the channel grid read from a curve, and shrinks
+measured before they cut."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from dist_hrnas.config import load_config
+from dist_hrnas.latency.calibration import Calibration, sample_arch_widths
+from dist_hrnas.latency.curve import curve_grid
+from dist_hrnas.latency.measure import interleaved, settled
+from dist_hrnas.models import build_model
+from tests.conftest import CONFIGS, SEARCH
+
+TRUE = {"fixed": 0.8, "join": 1.0, "res:8x8": 1.3, "res:4x4": 0.6}
+
+
+def _networks(n: int, seed: int = 0) -> list[tuple[dict, float]]:
+    """Synthetic networks: per-op sums split into parts, and what a device with the TRUE coefficients measures."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        parts = {"fixed": 2e-3, "join": rng.uniform(1e-4, 5e-4), "res:8x8": rng.uniform(0, 8e-3),
+                 "res:4x4": rng.uniform(0, 4e-3)}
+        out.append((parts, sum(TRUE[k] * v for k, v in parts.items())))
+    return out
+
+
+def _fitted(points: list[tuple[dict, float]]) -> Calibration:
+    cal = Calibration()
+    for parts, measured in points:
+        cal.add(parts, measured, "sample")
+    return cal.fit()
+
+
+def test_the_fit_recovers_known_coefficients_and_predicts_held_out_networks():
+    cal = _fitted(_networks(30))
+    for k, v in TRUE.items():
+        assert cal.coef[k] == pytest.approx(v, abs=0.06), k
+    held_out = _networks(20, seed=1)
+    errors = [abs(cal.predict(p) / m - 1) for p, m in held_out]
+    assert max(errors) < 0.02
+    assert Calibration.from_state_dict(cal.state_dict()).coef == cal.coef
+
+
+def test_one_inflated_figure_does_not_move_later_predictions():
+    points = _networks(25)
+    clean = _fitted(points)
+    parts, measured = points[7]
+    disturbed = _fitted(points[:7] + [(parts, 1.5 * measured)] + points[8:])
+    assert disturbed.dropped == 1                                   # left out as an outlier
+    for p, _ in _networks(20, seed=2):
+        assert disturbed.predict(p) == pytest.approx(clean.predict(p), rel=0.02)
+
+
+def test_too_few_points_leave_the_plain_sum():
+    cal = _fitted(_networks(3))
+    assert not cal.fitted and cal.predict({"fixed": 1.0, "res:8x8": 2.0}) == 3.0
+
+
+def test_sampled_networks_span_full_to_near_empty_on_and_off_the_grid():
+    widths = {f"b{i}": [64, 64, 64] for i in range(6)}
+    samples = sample_arch_widths(widths, 24, grid=16)
+    totals = [sum(sum(w) for w in s.values()) for s in samples]
+    assert len(samples) == 24 and totals[0] > 0.75 * 18 * 64 and totals[-1] < 0.3 * 18 * 64
+    assert any(w == 0 for s in samples for ws in s.values() for w in ws)              # whole branches removed
+    on_grid = [all(w % 16 == 0 for ws in s.values() for w in ws) for s in samples]
+    assert all(on_grid[0::2]) and not all(on_grid[1::2])                             # every other one on the grid
+
+
+def test_rounds_that_disagree_are_taken_again():
+    cfg = load_config(CONFIGS / "digits.yaml", ["latency.network_spread=0.05"]).latency
+    figures = iter([1.0, 1.5, 1.02, 1.01, 1.0, 1.03])
+    best, spread = settled(lambda: next(figures), cfg)
+    assert best == 1.0 and spread == pytest.approx(0.01)  # the first three disagreed by 50 %: three more taken
+    calls = []
+    out = interleaved([lambda: calls.append("a") or 2.0, lambda: calls.append("b") or 1.0], cfg)
+    assert out == [(2.0, 0.0), (1.0, 0.0)] and calls == ["a", "b", "b", "a", "a", "b"]  # alternating who goes first
+
+
+@pytest.mark.parametrize("curve, grid", [
+    ([[8, 1.0], [16, 1.0], [24, 2.0], [32, 2.0], [40, 3.0], [48, 3.0]], 16),            # steps every 16 channels
+    ([[8, 1.0], [16, 2.0], [24, 3.0], [32, 4.0], [40, 5.0], [48, 6.0]], 8),             # linear: the sample step
+    ([[8, 1.0], [16, 1.0], [24, 1.0], [32, 1.0], [40, 2.0], [48, 2.0], [56, 2.0], [64, 2.0]], 32),
+])
+def test_round_to_auto_reads_the_grid_off_the_curve(curve, grid):
+    assert curve_grid(curve, 8) == grid
+
+
+def _search(tmp_path, *extra):
+    from dist_hrnas.search import Search
+
+    cfg = load_config(CONFIGS / "digits.yaml", [*SEARCH, "prune.threshold=1e-3", *extra])
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    return Search(cfg, model, 16, tmp_path), model
+
+
+class Device:
+    """A target whose seconds follow the architecture: ``cost(widths)`` per network, compared in rounds."""
+
+    def __init__(self, cost):
+        self.cost = cost
+
+    def __call__(self, model) -> float:
+        return self.cost(model)
+
+    def compare(self, models):
+        return [(self.cost(m), 0.0) for m in models]
+
+
+def _widths(model) -> list[int]:
+    return [b.hidden for _, block in model.named_blocks() for b in block.branches]
+
+
+def test_a_candidate_that_measures_slower_is_refused_or_refitted_to_whole_branches(tmp_path):
+    from dist_hrnas.search.decide import REFITTED_WHOLE_BRANCHES, REFUSED_MEASURED_SLOWER, decide_by_measurement
+
+    search, model = _search(tmp_path, "prune.round_to=1")
+    (e0, bn0), (e1, bn1) = search.pairs[:2]
+    with torch.no_grad():
+        bn0.weight[: e0.width // 2] = 0.0     # half of one branch ...
+        bn1.weight[:] = 0.0                   # ... and all of another
+    masks = search.registry.masks(model)
+    # a device where any partly cut branch costs more than it did whole (a bad staircase): only a whole branch pays
+    assert all(w % e0.width == 0 for w in _widths(model))
+    off = lambda m: sum(_widths(m)) % e0.width != 0  # noqa: E731 - the half-cut branch is in it
+    search.network_timer = Device(lambda m: 1e-3 * (len(_widths(m)) + 5 * off(m)))
+    decision = decide_by_measurement(search, model, masks, epoch=0, last_epoch=True)
+    assert decision.due and decision.refusals == [REFITTED_WHOLE_BRANCHES]
+    assert all(bool(m.all()) or not bool(m.any()) for ms in decision.masks.values() for m in ms)
+    assert decision.measured_s < decision.before_s
+    search.network_timer = Device(lambda m: 1e-3 * (100 - len(_widths(m))))       # smaller is slower everywhere
+    decision = decide_by_measurement(search, model, masks, epoch=0, last_epoch=True)
+    assert not decision.due and decision.refusals == [REFUSED_MEASURED_SLOWER]
