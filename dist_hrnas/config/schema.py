@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,9 +27,39 @@ def _choice(section: str, key: str, value: str, choices: tuple[str, ...]) -> Non
 
 
 def _positive(section: str, key: str, value: float, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
+    if not value >= 0 or (value == 0 and not allow_zero):   # "not >=" also catches NaN
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigError(f"{section}.{key}: must be {bound}, got {value}")
+
+
+def _at_least(section: str, key: str, value: float, low: float) -> None:
+    if not value >= low:
+        raise ConfigError(f"{section}.{key}: must be >= {low:g}, got {value}")
+
+
+def _between(section: str, key: str, value: float, low: float, high: float, high_open: bool = True,
+             low_open: bool = False) -> None:
+    """``value`` in [low, high) (or the bounds' other openness); the message shows the interval."""
+    ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ConfigError(f"{section}.{key}: must be in {interval}, got {value}")
+
+
+def _each_at_least(section: str, key: str, values: list, low: int) -> None:
+    for i, v in enumerate(values):
+        if not isinstance(v, int) or isinstance(v, bool) or v < low:
+            raise ConfigError(f"{section}.{key}[{i}]: must be an integer >= {low}, got {v!r}")
+
+
+def _finite(section: object, name: str) -> None:
+    """No float field (or list of floats) of a section may be NaN or infinite (YAML reads .nan and .inf)."""
+    for f in dataclasses.fields(section):  # type: ignore[arg-type]
+        value = getattr(section, f.name)
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{name}.{f.name}: must be a finite number, got {value}")
 
 
 @dataclass
@@ -55,21 +86,49 @@ class ModelConfig:
     dropout: float = _f(0.2, "Dropout before the classifier.")
 
     def __post_init__(self) -> None:
+        _finite(self, "model")
         _choice("model", "active_fn", self.active_fn, ("relu", "relu6", "swish", "hswish"))
         _choice("model", "input_stride", str(self.input_stride), ("2", "4"))
+        _at_least("model", "num_classes", self.num_classes, 2)
+        _at_least("model", "image_channels", self.image_channels, 1)
         if len(self.input_channel) != 2:
             raise ConfigError(f"model.input_channel: expected 2 stem widths, got {self.input_channel}")
+        _each_at_least("model", "input_channel", self.input_channel, 1)
+        self._check_stages()
+        if not self.kernel_sizes:
+            raise ConfigError("model.kernel_sizes: give at least one kernel size, e.g. [3, 5, 7]")
+        for i, k in enumerate(self.kernel_sizes):
+            if k < 1 or k % 2 == 0:
+                raise ConfigError(f"model.kernel_sizes[{i}]: must be an odd integer >= 1 (3, 5, 7, ...), got {k}")
+        if len(self.head_channels) != self.stages[-1][0]:
+            raise ConfigError(f"model.head_channels: need one width per final branch "
+                              f"({self.stages[-1][0]}), got {self.head_channels}")
+        _each_at_least("model", "head_channels", self.head_channels, 1)
+        _at_least("model", "last_channel", self.last_channel, 1)
+        _positive("model", "expand_ratio", self.expand_ratio)
+        _between("model", "bn_momentum", self.bn_momentum, 0.0, 1.0, high_open=False)
+        _positive("model", "bn_eps", self.bn_eps)
+        _between("model", "dropout", self.dropout, 0.0, 1.0)
+
+    def _check_stages(self) -> None:
+        if not self.stages:
+            raise ConfigError("model.stages: give at least one stage [branches, [blocks per branch], "
+                              "[channels per branch]], e.g. [[1, [1], [24]]]")
         for i, stage in enumerate(self.stages):
             ok = (isinstance(stage, list) and len(stage) == 3 and isinstance(stage[0], int)
+                  and not isinstance(stage[0], bool) and stage[0] >= 1
                   and isinstance(stage[1], list) and isinstance(stage[2], list)
                   and len(stage[1]) == stage[0] == len(stage[2]))
             if not ok:
-                raise ConfigError(f"model.stages[{i}]: expected [branches, [blocks per branch], "
+                raise ConfigError(f"model.stages[{i}]: expected [branches >= 1, [blocks per branch], "
                                   f"[channels per branch]] with matching lengths, got {stage}")
-        if self.stages and len(self.head_channels) != self.stages[-1][0]:
-            raise ConfigError(f"model.head_channels: need one width per final branch "
-                              f"({self.stages[-1][0]}), got {self.head_channels}")
-        _positive("model", "expand_ratio", self.expand_ratio)
+            _each_at_least("model", f"stages[{i}][1] (blocks per branch)", stage[1], 0)
+            _each_at_least("model", f"stages[{i}][2] (channels per branch)", stage[2], 1)
+
+    @property
+    def min_image_size(self) -> int:
+        """The smallest input whose lowest-resolution branch still has one pixel per stride step."""
+        return self.input_stride * 2 ** (max(stage[0] for stage in self.stages) - 1)
 
 
 @dataclass
@@ -89,10 +148,20 @@ class DataConfig:
     augment: bool = _f(True, "imagefolder: random-resized-crop + horizontal flip on the training split.")
 
     def __post_init__(self) -> None:
+        _finite(self, "data")
         _choice("data", "name", self.name, ("digits", "synthetic", "imagefolder"))
         _positive("data", "image_size", self.image_size)
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"data.val_fraction: must be in (0, 1), got {self.val_fraction}")
+        _positive("data", "split_seed", self.split_seed, allow_zero=True)
+        _positive("data", "synthetic_train_size", self.synthetic_train_size)
+        _positive("data", "synthetic_val_size", self.synthetic_val_size)
+        _at_least("data", "synthetic_classes", self.synthetic_classes, 2)
+        _positive("data", "synthetic_channels", self.synthetic_channels)
+        _positive("data", "num_workers", self.num_workers, allow_zero=True)
+        if self.name == "imagefolder" and not self.root:
+            raise ConfigError("data.root: data.name=imagefolder needs data.root, the directory holding train/ "
+                              "and val/ class folders")
 
 
 @dataclass
@@ -130,11 +199,27 @@ class TrainConfig:
                                     "also DeepSpeed's gradient_clipping.")
 
     def __post_init__(self) -> None:
+        _finite(self, "train")
         _choice("train", "optimizer", self.optimizer, ("sgd", "rmsprop", "adamw"))
         _choice("train", "lr_schedule", self.lr_schedule, ("cosine", "exp", "constant"))
         _positive("train", "epochs", self.epochs)
         _positive("train", "batch_size_per_rank", self.batch_size_per_rank)
         _positive("train", "lr", self.lr)
+        _positive("train", "lr_base_batch", self.lr_base_batch, allow_zero=True)
+        _positive("train", "warmup_epochs", self.warmup_epochs, allow_zero=True)
+        _between("train", "exp_gamma", self.exp_gamma, 0.0, 1.0, high_open=False, low_open=True)
+        _positive("train", "exp_decay_epochs", self.exp_decay_epochs)
+        _between("train", "momentum", self.momentum, 0.0, 1.0)
+        _between("train", "rmsprop_alpha", self.rmsprop_alpha, 0.0, 1.0)
+        _positive("train", "rmsprop_eps", self.rmsprop_eps)
+        if len(self.adamw_betas) != 2:
+            raise ConfigError(f"train.adamw_betas: expected two betas [beta1, beta2], got {self.adamw_betas}")
+        for i, beta in enumerate(self.adamw_betas):
+            _between("train", f"adamw_betas[{i}]", beta, 0.0, 1.0)
+        _positive("train", "weight_decay", self.weight_decay, allow_zero=True)
+        _between("train", "label_smoothing", self.label_smoothing, 0.0, 1.0)
+        _positive("train", "max_steps_per_epoch", self.max_steps_per_epoch, allow_zero=True)
+        _positive("train", "seed", self.seed, allow_zero=True)
         _positive("train", "eval_every", self.eval_every)
         _positive("train", "log_every", self.log_every)
         _positive("train", "grad_accum_steps", self.grad_accum_steps)
@@ -185,6 +270,7 @@ class PruneConfig:
     rho_max_factor: float = _f(10.0, "Budget controller: rho stays within [rho / f, rho * f].")
 
     def __post_init__(self) -> None:
+        _finite(self, "prune")
         _choice("prune", "penalty", self.penalty, ("seconds", "macs", "equal", "none"))
         _choice("prune", "schedule", self.schedule, ("linear", "cosine", "exp"))
         if self.target_latency_ms is not None and self.target_ratio is not None:
@@ -208,6 +294,7 @@ class PruneConfig:
             raise ConfigError(f"prune.rho_max_factor: must be >= 1, got {self.rho_max_factor}")
         _positive("prune", "rho", self.rho, allow_zero=True)
         _positive("prune", "epoch_free", self.epoch_free, allow_zero=True)
+        _positive("prune", "epoch_warmup", self.epoch_warmup, allow_zero=True)
         _positive("prune", "threshold", self.threshold, allow_zero=True)
         _positive("prune", "shrink_delta_seconds", self.shrink_delta_seconds, allow_zero=True)
         _positive("prune", "bn_calibration_steps", self.bn_calibration_steps, allow_zero=True)
@@ -261,11 +348,13 @@ class LatencyConfig:
                              "measurement scaled by the latency model. Empty = measure on this machine.")
 
     def __post_init__(self) -> None:
+        _finite(self, "latency")
         if not (self.device == "cpu" or self.device == "cuda" or
                 (self.device.startswith("cuda:") and self.device[5:].isdigit())):
             raise ConfigError(f"latency.device: {self.device!r} is not cpu, cuda or cuda:N")
         _positive("latency", "batch_size", self.batch_size)
         _positive("latency", "threads", self.threads)
+        _positive("latency", "warmup", self.warmup, allow_zero=True)
         _positive("latency", "repeats", self.repeats)
         _positive("latency", "network_repeats", self.network_repeats)
         _choice("latency", "cost", self.cost, ("average", "marginal"))
@@ -303,6 +392,10 @@ class LogConfig:
     tensorboard: bool = _f(True, "Write TensorBoard events under <run_dir>/tb/.")
     progress: bool = _f(True, "Show tqdm progress bars (rank 0 only).")
 
+    def __post_init__(self) -> None:
+        if "\n" in self.run_dir or "\x00" in self.run_dir:
+            raise ConfigError(f"log.run_dir: {self.run_dir!r} is not a usable directory name")
+
 
 @dataclass
 class CheckpointConfig:
@@ -329,6 +422,13 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     name: str = field(default="default", metadata={"doc": "Run name (the config file's stem)."})
+
+    def __post_init__(self) -> None:
+        """Checks that span sections: a value that is fine alone but not with another section's."""
+        if not self.model.arch and self.data.image_size < self.model.min_image_size:
+            raise ConfigError(f"data.image_size: {self.data.image_size} px is below {self.model.min_image_size} px, "
+                              f"the smallest input this model (input_stride {self.model.input_stride}, "
+                              f"{max(s[0] for s in self.model.stages)} resolutions) can downsample")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

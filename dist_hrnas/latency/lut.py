@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import platform
 import warnings
 from pathlib import Path
@@ -83,7 +84,26 @@ def read_lut_file(path: Path) -> dict:
     if not ok:
         raise UserError(f"latency LUT {path} is corrupt (not a format-{FORMAT} dist_hrnas LUT): delete it or "
                         f"rebuild it with python -m dist_hrnas.profile")
+    for table in data["tables"].values():
+        for sig, entry in table["ops"].items():
+            problem = _entry_problem(entry)
+            if problem:
+                raise UserError(f"latency LUT {path}: op {str(sig)[:80]} {problem}: delete the entry (or the file) "
+                                f"and re-measure with python -m dist_hrnas.profile")
     return data
+
+
+def _entry_problem(entry: object) -> str:
+    """Why one op entry is unusable ('' when it is fine): ``{median_s > 0, spread_s >= 0}``, finite numbers."""
+    if not isinstance(entry, dict):
+        return f"is {type(entry).__name__}, not {{median_s, spread_s}}"
+    for key, low in (("median_s", "> 0"), ("spread_s", ">= 0")):
+        value = entry.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"has no number {key} (got {value!r})"
+        if not math.isfinite(value) or value < 0 or (key == "median_s" and value == 0):
+            return f"has {key}={value!r}; it must be a finite number {low} seconds"
+    return ""
 
 
 class LatencyTable:
