@@ -22,7 +22,7 @@ import torch
 
 from dist_hrnas.config import LatencyConfig
 from dist_hrnas.errors import UserError
-from dist_hrnas.fileio import atomic_write_json
+from dist_hrnas.fileio import atomic_write_json, writable_file_problem
 
 FORMAT = 1
 MACHINE_KEYS = ("device_name", "torch", "onnxruntime")  # the machine and its software, not the latency settings
@@ -104,6 +104,37 @@ def _entry_problem(entry: object) -> str:
         if not math.isfinite(value) or value < 0 or (key == "median_s" and value == 0):
             return f"has {key}={value!r}; it must be a finite number {low} seconds"
     return ""
+
+
+def check_lut_file(cfg: LatencyConfig) -> None:
+    """Before any timing: ``latency.lut`` is a valid LUT (every entry) and, unless only read, can be written."""
+    if not cfg.lut:
+        return
+    path = Path(cfg.lut)
+    if not cfg.lut_device:  # measuring here: the new entries are merged into the file afterwards
+        problem = writable_file_problem(path)
+        if problem:
+            raise UserError(f"latency.lut: cannot write the LUT file {path} ({problem}); choose another path")
+    elif not path.is_file():
+        raise UserError(f"latency.lut: {path} does not exist; latency.lut_device needs the LUT built on that "
+                        f"device with python -m dist_hrnas.profile")
+    read_lut_file(path)
+
+
+def lut_device_name(cfg: LatencyConfig) -> str:
+    """The device whose table ``latency.lut_device`` uses: its name, or with ``auto`` the name it resolves to."""
+    if cfg.lut_device != "auto":
+        return cfg.lut_device
+    data = read_lut_file(Path(cfg.lut))
+    return LatencyTable.remote(cfg, fingerprint_settings(cfg), Path(cfg.lut), data).fp.get("device_name", "?")
+
+
+def fingerprint_settings(cfg: LatencyConfig) -> dict:
+    """The fingerprint's latency settings alone (no machine keys): what matching a remote table needs."""
+    fp = {"device_type": "cuda" if cfg.device.startswith("cuda") else "cpu", "backend": cfg.backend,
+          "dtype": "float32", "threads": cfg.threads, "batch_size": cfg.batch_size,
+          "flush_cache_mb": cfg.flush_cache_mb}
+    return fp
 
 
 class LatencyTable:
