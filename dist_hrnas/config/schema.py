@@ -159,9 +159,6 @@ class DataConfig:
         _at_least("data", "synthetic_classes", self.synthetic_classes, 2)
         _positive("data", "synthetic_channels", self.synthetic_channels)
         _positive("data", "num_workers", self.num_workers, allow_zero=True)
-        if self.name == "imagefolder" and not self.root:
-            raise ConfigError("data.root: data.name=imagefolder needs data.root, the directory holding train/ "
-                              "and val/ class folders")
 
 
 @dataclass

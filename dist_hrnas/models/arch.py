@@ -64,7 +64,7 @@ def _check_block(source: str, i: int, entry: object) -> tuple[str, list[int], li
             raise _bad(source, f"block {name}: kernel size {k!r} must be an odd positive integer (3, 5, 7, ...)")
     for w in widths:
         if not _is_int(w) or w < 1:
-            raise _bad(source, f"block {name}: width {w!r} must be a positive integer")
+            raise _bad(source, f"block {name}: width {w!r} must be a positive integer (widths >= 1)")
     return name, list(kernels), list(widths), (entry["in"], entry["out"], entry["stride"])
 
 
