@@ -290,8 +290,7 @@ def evaluate_and_shrink(job: Job, epoch: int, last: bool) -> tuple[float, float,
     job.log.info(f"shrink {len(job.search.shrinks)}: -{rec['channels_removed']} channels, predicted "
                  f"{rec['latency_ms_predicted_after']:.3f} ms, measured {rec['latency_ms_measured_after']:.3f} ms")
     job.writer.text(Tags.ARCHITECTURE, architecture_markdown(model), job.state.step)
-    if job.ctx.is_main:
-        save_arch_file(export_arch(model), job.files.arch)
+    comm.on_rank0(lambda: save_arch_file(export_arch(model), job.files.arch), f"writing {job.files.arch}")
     if last:  # report the accuracy of the network the search hands over
         top1, loss = validate(job, epoch)
     return top1, loss, True

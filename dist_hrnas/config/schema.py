@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from dist_hrnas.config.checks import at_least, between, choice, each_at_least, finite, positive
 from dist_hrnas.errors import ConfigError
 
 
@@ -19,47 +19,6 @@ def _f(default: Any, doc: str) -> Any:
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: copy.deepcopy(default), metadata={"doc": doc})
     return field(default=default, metadata={"doc": doc})
-
-
-def _choice(section: str, key: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{section}.{key}: {value!r} is not one of {', '.join(choices)}")
-
-
-def _positive(section: str, key: str, value: float, allow_zero: bool = False) -> None:
-    if not value >= 0 or (value == 0 and not allow_zero):   # "not >=" also catches NaN
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(f"{section}.{key}: must be {bound}, got {value}")
-
-
-def _at_least(section: str, key: str, value: float, low: float) -> None:
-    if not value >= low:
-        raise ConfigError(f"{section}.{key}: must be >= {low:g}, got {value}")
-
-
-def _between(section: str, key: str, value: float, low: float, high: float, high_open: bool = True,
-             low_open: bool = False) -> None:
-    """``value`` in [low, high) (or the bounds' other openness); the message shows the interval."""
-    ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    if not ok:
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        raise ConfigError(f"{section}.{key}: must be in {interval}, got {value}")
-
-
-def _each_at_least(section: str, key: str, values: list, low: int) -> None:
-    for i, v in enumerate(values):
-        if not isinstance(v, int) or isinstance(v, bool) or v < low:
-            raise ConfigError(f"{section}.{key}[{i}]: must be an integer >= {low}, got {v!r}")
-
-
-def _finite(section: object, name: str) -> None:
-    """No float field (or list of floats) of a section may be NaN or infinite (YAML reads .nan and .inf)."""
-    for f in dataclasses.fields(section):  # type: ignore[arg-type]
-        value = getattr(section, f.name)
-        values = value if isinstance(value, list) else [value]
-        for v in values:
-            if isinstance(v, float) and not math.isfinite(v):
-                raise ConfigError(f"{name}.{f.name}: must be a finite number, got {value}")
 
 
 @dataclass
@@ -86,14 +45,14 @@ class ModelConfig:
     dropout: float = _f(0.2, "Dropout before the classifier.")
 
     def __post_init__(self) -> None:
-        _finite(self, "model")
-        _choice("model", "active_fn", self.active_fn, ("relu", "relu6", "swish", "hswish"))
-        _choice("model", "input_stride", str(self.input_stride), ("2", "4"))
-        _at_least("model", "num_classes", self.num_classes, 2)
-        _at_least("model", "image_channels", self.image_channels, 1)
+        finite(self, "model")
+        choice("model", "active_fn", self.active_fn, ("relu", "relu6", "swish", "hswish"))
+        choice("model", "input_stride", str(self.input_stride), ("2", "4"))
+        at_least("model", "num_classes", self.num_classes, 2)
+        at_least("model", "image_channels", self.image_channels, 1)
         if len(self.input_channel) != 2:
             raise ConfigError(f"model.input_channel: expected 2 stem widths, got {self.input_channel}")
-        _each_at_least("model", "input_channel", self.input_channel, 1)
+        each_at_least("model", "input_channel", self.input_channel, 1)
         self._check_stages()
         if not self.kernel_sizes:
             raise ConfigError("model.kernel_sizes: give at least one kernel size, e.g. [3, 5, 7]")
@@ -103,12 +62,12 @@ class ModelConfig:
         if len(self.head_channels) != self.stages[-1][0]:
             raise ConfigError(f"model.head_channels: need one width per final branch "
                               f"({self.stages[-1][0]}), got {self.head_channels}")
-        _each_at_least("model", "head_channels", self.head_channels, 1)
-        _at_least("model", "last_channel", self.last_channel, 1)
-        _positive("model", "expand_ratio", self.expand_ratio)
-        _between("model", "bn_momentum", self.bn_momentum, 0.0, 1.0, high_open=False)
-        _positive("model", "bn_eps", self.bn_eps)
-        _between("model", "dropout", self.dropout, 0.0, 1.0)
+        each_at_least("model", "head_channels", self.head_channels, 1)
+        at_least("model", "last_channel", self.last_channel, 1)
+        positive("model", "expand_ratio", self.expand_ratio)
+        between("model", "bn_momentum", self.bn_momentum, 0.0, 1.0, high_open=False)
+        positive("model", "bn_eps", self.bn_eps)
+        between("model", "dropout", self.dropout, 0.0, 1.0)
 
     def _check_stages(self) -> None:
         if not self.stages:
@@ -122,8 +81,8 @@ class ModelConfig:
             if not ok:
                 raise ConfigError(f"model.stages[{i}]: expected [branches >= 1, [blocks per branch], "
                                   f"[channels per branch]] with matching lengths, got {stage}")
-            _each_at_least("model", f"stages[{i}][1] (blocks per branch)", stage[1], 0)
-            _each_at_least("model", f"stages[{i}][2] (channels per branch)", stage[2], 1)
+            each_at_least("model", f"stages[{i}][1] (blocks per branch)", stage[1], 0)
+            each_at_least("model", f"stages[{i}][2] (channels per branch)", stage[2], 1)
 
     @property
     def min_image_size(self) -> int:
@@ -148,17 +107,17 @@ class DataConfig:
     augment: bool = _f(True, "imagefolder: random-resized-crop + horizontal flip on the training split.")
 
     def __post_init__(self) -> None:
-        _finite(self, "data")
-        _choice("data", "name", self.name, ("digits", "synthetic", "imagefolder"))
-        _positive("data", "image_size", self.image_size)
+        finite(self, "data")
+        choice("data", "name", self.name, ("digits", "synthetic", "imagefolder"))
+        positive("data", "image_size", self.image_size)
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"data.val_fraction: must be in (0, 1), got {self.val_fraction}")
-        _positive("data", "split_seed", self.split_seed, allow_zero=True)
-        _positive("data", "synthetic_train_size", self.synthetic_train_size)
-        _positive("data", "synthetic_val_size", self.synthetic_val_size)
-        _at_least("data", "synthetic_classes", self.synthetic_classes, 2)
-        _positive("data", "synthetic_channels", self.synthetic_channels)
-        _positive("data", "num_workers", self.num_workers, allow_zero=True)
+        positive("data", "split_seed", self.split_seed, allow_zero=True)
+        positive("data", "synthetic_train_size", self.synthetic_train_size)
+        positive("data", "synthetic_val_size", self.synthetic_val_size)
+        at_least("data", "synthetic_classes", self.synthetic_classes, 2)
+        positive("data", "synthetic_channels", self.synthetic_channels)
+        positive("data", "num_workers", self.num_workers, allow_zero=True)
 
 
 @dataclass
@@ -196,31 +155,31 @@ class TrainConfig:
                                     "also DeepSpeed's gradient_clipping.")
 
     def __post_init__(self) -> None:
-        _finite(self, "train")
-        _choice("train", "optimizer", self.optimizer, ("sgd", "rmsprop", "adamw"))
-        _choice("train", "lr_schedule", self.lr_schedule, ("cosine", "exp", "constant"))
-        _positive("train", "epochs", self.epochs)
-        _positive("train", "batch_size_per_rank", self.batch_size_per_rank)
-        _positive("train", "lr", self.lr)
-        _positive("train", "lr_base_batch", self.lr_base_batch, allow_zero=True)
-        _positive("train", "warmup_epochs", self.warmup_epochs, allow_zero=True)
-        _between("train", "exp_gamma", self.exp_gamma, 0.0, 1.0, high_open=False, low_open=True)
-        _positive("train", "exp_decay_epochs", self.exp_decay_epochs)
-        _between("train", "momentum", self.momentum, 0.0, 1.0)
-        _between("train", "rmsprop_alpha", self.rmsprop_alpha, 0.0, 1.0)
-        _positive("train", "rmsprop_eps", self.rmsprop_eps)
+        finite(self, "train")
+        choice("train", "optimizer", self.optimizer, ("sgd", "rmsprop", "adamw"))
+        choice("train", "lr_schedule", self.lr_schedule, ("cosine", "exp", "constant"))
+        positive("train", "epochs", self.epochs)
+        positive("train", "batch_size_per_rank", self.batch_size_per_rank)
+        positive("train", "lr", self.lr)
+        positive("train", "lr_base_batch", self.lr_base_batch, allow_zero=True)
+        positive("train", "warmup_epochs", self.warmup_epochs, allow_zero=True)
+        between("train", "exp_gamma", self.exp_gamma, 0.0, 1.0, high_open=False, low_open=True)
+        positive("train", "exp_decay_epochs", self.exp_decay_epochs)
+        between("train", "momentum", self.momentum, 0.0, 1.0)
+        between("train", "rmsprop_alpha", self.rmsprop_alpha, 0.0, 1.0)
+        positive("train", "rmsprop_eps", self.rmsprop_eps)
         if len(self.adamw_betas) != 2:
             raise ConfigError(f"train.adamw_betas: expected two betas [beta1, beta2], got {self.adamw_betas}")
         for i, beta in enumerate(self.adamw_betas):
-            _between("train", f"adamw_betas[{i}]", beta, 0.0, 1.0)
-        _positive("train", "weight_decay", self.weight_decay, allow_zero=True)
-        _between("train", "label_smoothing", self.label_smoothing, 0.0, 1.0)
-        _positive("train", "max_steps_per_epoch", self.max_steps_per_epoch, allow_zero=True)
-        _positive("train", "seed", self.seed, allow_zero=True)
-        _positive("train", "eval_every", self.eval_every)
-        _positive("train", "log_every", self.log_every)
-        _positive("train", "grad_accum_steps", self.grad_accum_steps)
-        _positive("train", "eval_bn_calibration_steps", self.eval_bn_calibration_steps, allow_zero=True)
+            between("train", f"adamw_betas[{i}]", beta, 0.0, 1.0)
+        positive("train", "weight_decay", self.weight_decay, allow_zero=True)
+        between("train", "label_smoothing", self.label_smoothing, 0.0, 1.0)
+        positive("train", "max_steps_per_epoch", self.max_steps_per_epoch, allow_zero=True)
+        positive("train", "seed", self.seed, allow_zero=True)
+        positive("train", "eval_every", self.eval_every)
+        positive("train", "log_every", self.log_every)
+        positive("train", "grad_accum_steps", self.grad_accum_steps)
+        positive("train", "eval_bn_calibration_steps", self.eval_bn_calibration_steps, allow_zero=True)
         if self.grad_clip_norm < 0:
             raise ConfigError(f"train.grad_clip_norm: must be >= 0 (0 = off), got {self.grad_clip_norm}")
         if self.batch_size_per_rank % self.grad_accum_steps:
@@ -267,9 +226,9 @@ class PruneConfig:
     rho_max_factor: float = _f(10.0, "Budget controller: rho stays within [rho / f, rho * f].")
 
     def __post_init__(self) -> None:
-        _finite(self, "prune")
-        _choice("prune", "penalty", self.penalty, ("seconds", "macs", "equal", "none"))
-        _choice("prune", "schedule", self.schedule, ("linear", "cosine", "exp"))
+        finite(self, "prune")
+        choice("prune", "penalty", self.penalty, ("seconds", "macs", "equal", "none"))
+        choice("prune", "schedule", self.schedule, ("linear", "cosine", "exp"))
         if self.target_latency_ms is not None and self.target_ratio is not None:
             raise ConfigError("prune.target_latency_ms and prune.target_ratio are both set: give one budget")
         if self.target_latency_ms is not None and self.target_latency_ms <= 0:
@@ -284,18 +243,18 @@ class PruneConfig:
             raise ConfigError("prune.rho: must be > 0 with a latency budget (it is the controller's starting value)")
         if not 0 <= self.budget_tolerance < 1:
             raise ConfigError(f"prune.budget_tolerance: must be in [0, 1), got {self.budget_tolerance}")
-        _positive("prune", "epoch_target", self.epoch_target, allow_zero=True)
-        _positive("prune", "controller_kp", self.controller_kp, allow_zero=True)
-        _positive("prune", "controller_ki", self.controller_ki, allow_zero=True)
+        positive("prune", "epoch_target", self.epoch_target, allow_zero=True)
+        positive("prune", "controller_kp", self.controller_kp, allow_zero=True)
+        positive("prune", "controller_ki", self.controller_ki, allow_zero=True)
         if self.rho_max_factor < 1:
             raise ConfigError(f"prune.rho_max_factor: must be >= 1, got {self.rho_max_factor}")
-        _positive("prune", "rho", self.rho, allow_zero=True)
-        _positive("prune", "epoch_free", self.epoch_free, allow_zero=True)
-        _positive("prune", "epoch_warmup", self.epoch_warmup, allow_zero=True)
-        _positive("prune", "threshold", self.threshold, allow_zero=True)
-        _positive("prune", "shrink_delta_seconds", self.shrink_delta_seconds, allow_zero=True)
-        _positive("prune", "bn_calibration_steps", self.bn_calibration_steps, allow_zero=True)
-        _positive("prune", "round_to", self.round_to)
+        positive("prune", "rho", self.rho, allow_zero=True)
+        positive("prune", "epoch_free", self.epoch_free, allow_zero=True)
+        positive("prune", "epoch_warmup", self.epoch_warmup, allow_zero=True)
+        positive("prune", "threshold", self.threshold, allow_zero=True)
+        positive("prune", "shrink_delta_seconds", self.shrink_delta_seconds, allow_zero=True)
+        positive("prune", "bn_calibration_steps", self.bn_calibration_steps, allow_zero=True)
+        positive("prune", "round_to", self.round_to)
         if self.epoch_warmup and self.epoch_warmup < self.epoch_free:
             raise ConfigError(f"prune.epoch_warmup ({self.epoch_warmup}) must be 0 or >= prune.epoch_free "
                               f"({self.epoch_free})")
@@ -345,18 +304,18 @@ class LatencyConfig:
                              "measurement scaled by the latency model. Empty = measure on this machine.")
 
     def __post_init__(self) -> None:
-        _finite(self, "latency")
+        finite(self, "latency")
         if not (self.device == "cpu" or self.device == "cuda" or
                 (self.device.startswith("cuda:") and self.device[5:].isdigit())):
             raise ConfigError(f"latency.device: {self.device!r} is not cpu, cuda or cuda:N")
-        _positive("latency", "batch_size", self.batch_size)
-        _positive("latency", "threads", self.threads)
-        _positive("latency", "warmup", self.warmup, allow_zero=True)
-        _positive("latency", "repeats", self.repeats)
-        _positive("latency", "network_repeats", self.network_repeats)
-        _choice("latency", "cost", self.cost, ("average", "marginal"))
-        _choice("latency", "backend", self.backend, ("torch", "onnxruntime"))
-        _positive("latency", "width_step", self.width_step)
+        positive("latency", "batch_size", self.batch_size)
+        positive("latency", "threads", self.threads)
+        positive("latency", "warmup", self.warmup, allow_zero=True)
+        positive("latency", "repeats", self.repeats)
+        positive("latency", "network_repeats", self.network_repeats)
+        choice("latency", "cost", self.cost, ("average", "marginal"))
+        choice("latency", "backend", self.backend, ("torch", "onnxruntime"))
+        positive("latency", "width_step", self.width_step)
         if self.flush_cache_mb < 0:
             raise ConfigError(f"latency.flush_cache_mb: must be >= 0 (0 = warm caches), got {self.flush_cache_mb}")
         if self.max_samples < 2:
@@ -376,9 +335,9 @@ class DistConfig:
     deepspeed: dict = _f({}, "DeepSpeed settings ({zero_stage: 0|1|2, ...}) or {config: path/to/ds.json}.")
 
     def __post_init__(self) -> None:
-        _choice("dist", "backend", self.backend, ("auto", "nccl", "gloo"))
-        _choice("dist", "engine", self.engine, ("ddp", "deepspeed"))
-        _positive("dist", "timeout_s", self.timeout_s)
+        choice("dist", "backend", self.backend, ("auto", "nccl", "gloo"))
+        choice("dist", "engine", self.engine, ("ddp", "deepspeed"))
+        positive("dist", "timeout_s", self.timeout_s)
 
 
 @dataclass
@@ -402,8 +361,8 @@ class CheckpointConfig:
     resume: str = _f("auto", "auto (resume from checkpoints/last.pt if present) or never.")
 
     def __post_init__(self) -> None:
-        _choice("checkpoint", "resume", self.resume, ("auto", "never"))
-        _positive("checkpoint", "every_epochs", self.every_epochs, allow_zero=True)
+        choice("checkpoint", "resume", self.resume, ("auto", "never"))
+        positive("checkpoint", "every_epochs", self.every_epochs, allow_zero=True)
 
 
 @dataclass
