@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from dist_hrnas.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from dist_hrnas.checkpoint import rng_state, save_checkpoint, set_rng_state
 from dist_hrnas.cli import add_config_args, config_from_args
 from dist_hrnas.config import Config, save_config
 from dist_hrnas.data import Datasets, build_datasets, build_loaders
@@ -339,6 +339,7 @@ def write_summary(job: Job, top1: float, val_loss: float, wall_s: float) -> dict
             target_ms = search.budget.target_s * 1e3
             summary |= {"target_latency_ms": round(target_ms, 4), "budget_met": search.budget.done,
                         "latency_vs_target_pct": round(100 * (search.latency_ms_measured / target_ms - 1), 2)}
+
     def write() -> None:
         if search:
             save_arch_file(export_arch(model), job.files.arch)

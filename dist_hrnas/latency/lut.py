@@ -49,11 +49,17 @@ def device_name(device: torch.device) -> str:
     return _cpu_name()
 
 
+def fingerprint_settings(cfg: LatencyConfig) -> dict:
+    """The fingerprint without its machine keys (:data:`MACHINE_KEYS`): what a remote table must match."""
+    return {"device_type": "cuda" if cfg.device.startswith("cuda") else "cpu", "backend": cfg.backend,
+            "dtype": "float32", "threads": cfg.threads, "batch_size": cfg.batch_size,
+            "flush_cache_mb": cfg.flush_cache_mb}
+
+
 def fingerprint(cfg: LatencyConfig, device: torch.device) -> dict:
     """Everything that changes an op's measured seconds apart from the op itself."""
-    fp = {"device_type": device.type, "device_name": device_name(device), "backend": cfg.backend,
-          "torch": torch.__version__.split("+")[0], "dtype": "float32", "threads": cfg.threads,
-          "batch_size": cfg.batch_size, "flush_cache_mb": cfg.flush_cache_mb}
+    fp = {**fingerprint_settings(cfg), "device_type": device.type, "device_name": device_name(device),
+          "torch": torch.__version__.split("+")[0]}
     if cfg.backend == "onnxruntime":
         import onnxruntime  # only reached when the backend is selected (an optional dependency)
         fp["onnxruntime"] = onnxruntime.__version__
@@ -129,12 +135,6 @@ def lut_device_name(cfg: LatencyConfig) -> str:
     return LatencyTable.remote(cfg, fingerprint_settings(cfg), Path(cfg.lut), data).fp.get("device_name", "?")
 
 
-def fingerprint_settings(cfg: LatencyConfig) -> dict:
-    """The fingerprint's latency settings alone (no machine keys): what matching a remote table needs."""
-    fp = {"device_type": "cuda" if cfg.device.startswith("cuda") else "cpu", "backend": cfg.backend,
-          "dtype": "float32", "threads": cfg.threads, "batch_size": cfg.batch_size,
-          "flush_cache_mb": cfg.flush_cache_mb}
-    return fp
 
 
 class LatencyTable:
