@@ -11,6 +11,7 @@ import collections
 import os
 import random
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +80,29 @@ def _short(err: BaseException) -> str:
     return f"{type(err).__name__}: {line}" if line else type(err).__name__
 
 
+def _pickle_header(p: Path) -> bool:
+    """Whether the file starts like a pickle of protocol 2-5 (torch.save files are zip archives)."""
+    try:
+        with open(p, "rb") as f:
+            head = f.read(2)
+    except OSError:
+        return False
+    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+
+
+def _load_failure(p: Path, err: Exception) -> str:
+    """Say what the file is: unsafe content weights_only refused, a plain pickle, or truncated/corrupt."""
+    reason, text = _short(err), str(err)
+    found = re.search(r"unsupported global:? (?:GLOBAL )?([\w.]+)", text, re.IGNORECASE)
+    if found:
+        return (f"{p} is not a dist_hrnas checkpoint: weights_only loading refused its unsafe content "
+                f"(a pickled {found.group(1)}); nothing in it was executed: {_FIX}")
+    if "Weights only load failed" in text and _pickle_header(p):
+        return (f"{p} is not a dist_hrnas checkpoint: weights_only loading refused it (a plain pickle, not a "
+                f"torch.save file; {reason}); nothing in it was executed: {_FIX}")
+    return f"checkpoint {p} is truncated or corrupt ({reason}): {_FIX}"
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """Load a checkpoint written by :func:`save_checkpoint`; any problem is a one-line :class:`UserError`."""
     p = Path(path)
@@ -89,16 +113,14 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if p.stat().st_size == 0:
         raise UserError(f"checkpoint {p} is truncated or corrupt (empty file): {_FIX}")
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about legacy files; the one-line error says it all
+            warnings.simplefilter("ignore")
+            obj = torch.load(p, map_location="cpu", weights_only=True)
     except OSError as err:
         raise UserError(f"cannot read checkpoint {p} ({_short(err)}): check its permissions or "
                         f"set checkpoint.resume=never") from None
     except Exception as err:  # zip/pickle/EOF/Runtime/KeyError...: torch reports corruption in many ways
-        reason = _short(err)
-        if "Unsupported global" in str(err):
-            raise UserError(f"{p} is not a dist_hrnas checkpoint (it holds pickled objects that weights_only "
-                            f"loading refuses; {reason}): {_FIX}") from None
-        raise UserError(f"checkpoint {p} is truncated or corrupt ({reason}): {_FIX}") from None
+        raise UserError(_load_failure(p, err)) from None
     if not isinstance(obj, dict):
         raise UserError(f"{p} is not a dist_hrnas checkpoint (it holds a {_type_name(obj)}, not a dict): {_FIX}")
     found = obj.get("format")

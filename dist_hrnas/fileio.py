@@ -39,3 +39,29 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj: object) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def writable_dir_problem(path: str | os.PathLike) -> str:
+    """Why ``path`` cannot be (created and) written as a directory ('' when it can); writes nothing.
+
+    Checked before any expensive step, so a run or a profile does not find out at its end.
+    """
+    target = Path(path).absolute()
+    probe = target
+    while not probe.exists():
+        if probe.is_symlink():
+            return f"{probe} is a dangling symbolic link"
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is a file, not a directory"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable"
+    return ""
+
+
+def writable_file_problem(path: str | os.PathLike) -> str:
+    """Why the file ``path`` cannot be written (atomically, next to it) ('' when it can); writes nothing."""
+    target = Path(path)
+    if target.exists() and not target.is_file():
+        return f"{target} exists and is not a regular file"
+    return writable_dir_problem(target.parent)

@@ -17,7 +17,7 @@ import time
 from dist_hrnas.cli import add_config_args, config_from_args
 from dist_hrnas.errors import exits_cleanly_on_user_error
 from dist_hrnas.latency import Timer, make_timer, profile_on_rank0
-from dist_hrnas.latency.lut import device_name
+from dist_hrnas.latency.lut import check_lut_file, device_name
 from dist_hrnas.models import build_model, model_from_arch, load_arch_file
 
 
@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not cfg.latency.lut:
         parser.error("--out (or latency.lut) is required")
+    check_lut_file(cfg.latency)  # a valid LUT at a writable path, found out before profiling, not after
     print(json.dumps(build_lut(cfg, progress=not args.no_progress)))
     return 0
 

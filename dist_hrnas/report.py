@@ -48,7 +48,7 @@ from torch import nn
 from dist_hrnas.checkpoint import load_checkpoint
 from dist_hrnas.config import Config, LatencyConfig, load_config
 from dist_hrnas.errors import UserError, exits_cleanly_on_user_error
-from dist_hrnas.fileio import atomic_write_text
+from dist_hrnas.fileio import atomic_write_text, writable_file_problem
 from dist_hrnas.names import RunFiles
 from dist_hrnas.latency import (LatencyProfile, Timer, block_input_shapes, cpu_threads,
                                 target_device)
@@ -307,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-measure", action="store_true",
                         help="skip timing the blocks here (measured per-block latencies are left out)")
     args = parser.parse_args(argv)
+    problem = writable_file_problem(args.out) if args.out else ""
+    if problem:  # found out before the report is built (and its blocks timed), not after
+        raise UserError(f"cannot write {args.out} ({problem}): choose a writable --out")
 
     run = load_run(args.run_dir)
     report = build_report(run, measure=not args.no_measure)

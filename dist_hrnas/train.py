@@ -19,12 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from dist_hrnas.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from dist_hrnas.checkpoint import rng_state, save_checkpoint, set_rng_state
 from dist_hrnas.cli import add_config_args, config_from_args
 from dist_hrnas.config import Config, save_config
 from dist_hrnas.data import Datasets, build_datasets, build_loaders
 from dist_hrnas.errors import NonFiniteLossError, UserError, exits_cleanly_on_user_error
 from dist_hrnas.fileio import atomic_write_json
+from dist_hrnas.latency.lut import lut_device_name
 from dist_hrnas.metrics import NullWriter, get_logger, make_writer
 from dist_hrnas.models import (HRNet, build_model, count_macs, count_params, export_arch, model_from_arch,
                                save_arch_file)
@@ -34,6 +35,7 @@ from dist_hrnas.optim import ModelEma, scaled_lr
 from dist_hrnas.parallel import comm
 from dist_hrnas.parallel.rewrap import TrainState, build_state
 from dist_hrnas.search import Search, after_eval, board
+from dist_hrnas.start import Start, decide_start
 
 
 def resolve_run_dir(cfg: Config) -> Path:
@@ -159,9 +161,8 @@ def checkpoint_payload(state: TrainState, search: Search | None, epochs_done: in
 def write_checkpoint(path: Path, state: TrainState, search: Search | None, epochs_done: int, meta: dict,
                      cfg: Config, ctx: comm.DistContext) -> None:
     payload = checkpoint_payload(state, search, epochs_done, meta, cfg)
-    if ctx.is_main:
-        save_checkpoint(path, payload)
-    comm.barrier()  # nobody races ahead (and possibly dies) before last.pt is complete
+    # nobody races ahead (and possibly dies) before last.pt is complete; a failed write stops every rank
+    comm.on_rank0(lambda: save_checkpoint(path, payload), f"writing the checkpoint {path}")
 
 
 @dataclass
@@ -186,26 +187,30 @@ class Job:
 
 def prepare_run_dir(files: RunFiles, cfg: Config, ctx: comm.DistContext, resuming: bool,
                     log: logging.Logger) -> None:
-    """Rank 0 keeps an earlier run's outputs under ``previous/`` (unless resuming it) and writes the config."""
-    if ctx.is_main:
+    """Rank 0 keeps an earlier run's outputs under ``previous/`` (unless resuming it) and writes the config.
+
+    Called once the run has decided to go on (:func:`dist_hrnas.start.decide_start`) and its network and
+    search are built: a run stopped by bad input never reaches it, so its run directory stays as it was.
+    """
+    def tidy() -> None:
         files.root.mkdir(parents=True, exist_ok=True)
         if not resuming:
             moved = files.archive()
             if moved:
                 log.info(f"a fresh run in {files.root}: the previous run's files are kept in {moved}")
         save_config(cfg, files.config)
-    comm.barrier()  # nobody reads the run directory while rank 0 tidies it
+
+    comm.on_rank0(tidy, "preparing the run directory")  # nobody reads the run directory while rank 0 tidies it
 
 
-def setup(cfg: Config, ctx: comm.DistContext) -> Job:
-    """Run directory, data, model (the checkpoint's architecture when resuming), search, optimizer, engine."""
+def setup(cfg: Config, ctx: comm.DistContext, start: Start | None = None) -> Job:
+    """Checks and the resume decision (writing nothing), data, model (the checkpoint's architecture when
+    resuming), search, then the run directory, optimizer and engine."""
     log = get_logger(ctx.is_main)
     files = RunFiles(resolve_run_dir(cfg))
-    resuming = cfg.checkpoint.resume == "auto" and files.last_checkpoint.is_file()
-    prepare_run_dir(files, cfg, ctx, resuming, log)
+    resume = (start or decide_start(cfg, files)).resume
     torch.manual_seed(cfg.train.seed)
     data = build_datasets(cfg.data)
-    resume = load_checkpoint(files.last_checkpoint) if resuming else None
     # nanoGPT's rule: rebuild the (possibly shrunk) architecture stored in the checkpoint, then load weights.
     model = model_from_arch(resume["arch"], source=str(files.last_checkpoint)) if resume else build_model(cfg.model)
     check_data_matches_model(cfg, data, model)
@@ -217,6 +222,7 @@ def setup(cfg: Config, ctx: comm.DistContext) -> Job:
         "params": count_params(model), "macs": sum(count_macs(model, data.channels, data.image_size).values())}
     log.info(f"model: {meta['params']:,} params, {meta['macs']:,} MACs at {data.image_size}px; run dir {files.root}")
     search = start_search(cfg, ctx, model, data.image_size, files, resume, log)
+    prepare_run_dir(files, cfg, ctx, resume is not None, log)
     train_loader, val_loader, sampler = build_loaders(
         data, cfg.train.batch_size_per_rank, cfg.data.num_workers, cfg.train.seed, ctx.rank, ctx.world_size)
     steps_per_epoch = len(train_loader) if not cfg.train.max_steps_per_epoch else min(
@@ -237,8 +243,8 @@ def start_search(cfg: Config, ctx: comm.DistContext, model: HRNet, image_size: i
     if cfg.prune.penalty == "none":
         return None
     search = Search(cfg, model, image_size, files.root, saved=resume["search"] if resume else None)
-    if resume and ctx.is_main:
-        search.rewrite_shrink_log()  # a shrink logged after the checkpoint was taken is undone too
+    if resume:  # a shrink logged after the checkpoint was taken is undone too
+        comm.on_rank0(search.rewrite_shrink_log, "rewriting the shrink log")
     log.info(f"search: penalty {cfg.prune.penalty}, {len(search.registry.entries)} prunable branches, "
              f"supernet {search.latency_ms_supernet:.3f} ms on {cfg.latency.device} "
              f"(batch {cfg.latency.batch_size})")
@@ -284,8 +290,7 @@ def evaluate_and_shrink(job: Job, epoch: int, last: bool) -> tuple[float, float,
     job.log.info(f"shrink {len(job.search.shrinks)}: -{rec['channels_removed']} channels, predicted "
                  f"{rec['latency_ms_predicted_after']:.3f} ms, measured {rec['latency_ms_measured_after']:.3f} ms")
     job.writer.text(Tags.ARCHITECTURE, architecture_markdown(model), job.state.step)
-    if job.ctx.is_main:
-        save_arch_file(export_arch(model), job.files.arch)
+    comm.on_rank0(lambda: save_arch_file(export_arch(model), job.files.arch), f"writing {job.files.arch}")
     if last:  # report the accuracy of the network the search hands over
         top1, loss = validate(job, epoch)
     return top1, loss, True
@@ -324,7 +329,8 @@ def write_summary(job: Job, top1: float, val_loss: float, wall_s: float) -> dict
                     "latency_ms_supernet": round(search.latency_ms_supernet, 4),
                     "latency_ms_searched": round(search.latency_ms_measured, 4),
                     # where the latency figures come from: timed on this machine, or another machine's LUT
-                    "latency_source": f"lut:{cfg.latency.lut_device}" if cfg.latency.lut_device else "measured",
+                    "latency_source": f"lut:{lut_device_name(cfg.latency)}" if cfg.latency.lut_device
+                    else "measured",
                     "latency_ms_searched_predicted": round(search.predicted_ms(model), 4),
                     "params_searched": count_params(model),
                     "macs_searched": sum(count_macs(model, data.channels, data.image_size).values()),
@@ -336,17 +342,26 @@ def write_summary(job: Job, top1: float, val_loss: float, wall_s: float) -> dict
             target_ms = search.budget.target_s * 1e3
             summary |= {"target_latency_ms": round(target_ms, 4), "budget_met": search.budget.done,
                         "latency_vs_target_pct": round(100 * (search.latency_ms_measured / target_ms - 1), 2)}
-    if job.ctx.is_main:
+
+    def write() -> None:
         if search:
             save_arch_file(export_arch(model), job.files.arch)
         atomic_write_json(job.files.summary, summary)
         job.log.info(f"done: val top1 {top1:.4f}; summary in {job.files.summary}")
+
+    comm.on_rank0(write, f"writing {job.files.summary}")
     return summary
 
 
 def run(cfg: Config, ctx: comm.DistContext) -> dict:
     """The whole job on this rank: set up -> epochs -> summary (written to summary.json by rank 0)."""
-    job = setup(cfg, ctx)
+    files = RunFiles(resolve_run_dir(cfg))
+    start = decide_start(cfg, files)
+    if start.finished_summary is not None:  # a finished run is never overwritten: it is reported as it is
+        get_logger(ctx.is_main).info(f"{files.root} holds this run, finished: summary in {files.summary} "
+                                     f"(raise train.epochs to train on; checkpoint.resume=never starts afresh)")
+        return start.finished_summary
+    job = setup(cfg, ctx, start)
     started = time.perf_counter()
     try:
         top1, val_loss = run_epochs(job)
@@ -377,10 +392,12 @@ def main(argv: list[str] | None = None) -> int:
     if cfg is None:
         return 0
     ctx = comm.init_distributed(cfg.dist)
+    failed = True
     try:
         run(cfg, ctx)
+        failed = False
     finally:
-        comm.shutdown(ctx)
+        comm.shutdown(ctx, failed=failed)  # after a failure no barrier: never wait for a rank that is gone
     return 0
 
 

@@ -1,7 +1,7 @@
 """Configuration: the typed schema (one dataclass per section) and loading it from YAML plus overrides.
 
-Owns: ``schema`` (sections, fields, their docs and range checks) and ``loading`` (YAML, dotted overrides,
-``--help-config``). Imports nothing of the package but :mod:`dist_hrnas.errors`; every other layer reads its
+Owns: ``schema`` (sections, fields, their docs), ``checks`` (the range checks they run) and ``loading`` (YAML,
+dotted overrides, ``--help-config``). Imports nothing of the package but :mod:`dist_hrnas.errors`; every other layer reads its
 settings from here. This face re-exports the names callers use.
 """
 from dist_hrnas.config.schema import (CheckpointConfig, Config, DataConfig, DistConfig, LatencyConfig, LogConfig,

@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from dist_hrnas.config.checks import at_least, between, choice, each_at_least, finite, positive
 from dist_hrnas.errors import ConfigError
 
 
@@ -18,17 +19,6 @@ def _f(default: Any, doc: str) -> Any:
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: copy.deepcopy(default), metadata={"doc": doc})
     return field(default=default, metadata={"doc": doc})
-
-
-def _choice(section: str, key: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{section}.{key}: {value!r} is not one of {', '.join(choices)}")
-
-
-def _positive(section: str, key: str, value: float, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(f"{section}.{key}: must be {bound}, got {value}")
 
 
 @dataclass
@@ -55,21 +45,49 @@ class ModelConfig:
     dropout: float = _f(0.2, "Dropout before the classifier.")
 
     def __post_init__(self) -> None:
-        _choice("model", "active_fn", self.active_fn, ("relu", "relu6", "swish", "hswish"))
-        _choice("model", "input_stride", str(self.input_stride), ("2", "4"))
+        finite(self, "model")
+        choice("model", "active_fn", self.active_fn, ("relu", "relu6", "swish", "hswish"))
+        choice("model", "input_stride", str(self.input_stride), ("2", "4"))
+        at_least("model", "num_classes", self.num_classes, 2)
+        at_least("model", "image_channels", self.image_channels, 1)
         if len(self.input_channel) != 2:
             raise ConfigError(f"model.input_channel: expected 2 stem widths, got {self.input_channel}")
+        each_at_least("model", "input_channel", self.input_channel, 1)
+        self._check_stages()
+        if not self.kernel_sizes:
+            raise ConfigError("model.kernel_sizes: give at least one kernel size, e.g. [3, 5, 7]")
+        for i, k in enumerate(self.kernel_sizes):
+            if k < 1 or k % 2 == 0:
+                raise ConfigError(f"model.kernel_sizes[{i}]: must be an odd integer >= 1 (3, 5, 7, ...), got {k}")
+        if len(self.head_channels) != self.stages[-1][0]:
+            raise ConfigError(f"model.head_channels: need one width per final branch "
+                              f"({self.stages[-1][0]}), got {self.head_channels}")
+        each_at_least("model", "head_channels", self.head_channels, 1)
+        at_least("model", "last_channel", self.last_channel, 1)
+        positive("model", "expand_ratio", self.expand_ratio)
+        between("model", "bn_momentum", self.bn_momentum, 0.0, 1.0, high_open=False)
+        positive("model", "bn_eps", self.bn_eps)
+        between("model", "dropout", self.dropout, 0.0, 1.0)
+
+    def _check_stages(self) -> None:
+        if not self.stages:
+            raise ConfigError("model.stages: give at least one stage [branches, [blocks per branch], "
+                              "[channels per branch]], e.g. [[1, [1], [24]]]")
         for i, stage in enumerate(self.stages):
             ok = (isinstance(stage, list) and len(stage) == 3 and isinstance(stage[0], int)
+                  and not isinstance(stage[0], bool) and stage[0] >= 1
                   and isinstance(stage[1], list) and isinstance(stage[2], list)
                   and len(stage[1]) == stage[0] == len(stage[2]))
             if not ok:
-                raise ConfigError(f"model.stages[{i}]: expected [branches, [blocks per branch], "
+                raise ConfigError(f"model.stages[{i}]: expected [branches >= 1, [blocks per branch], "
                                   f"[channels per branch]] with matching lengths, got {stage}")
-        if self.stages and len(self.head_channels) != self.stages[-1][0]:
-            raise ConfigError(f"model.head_channels: need one width per final branch "
-                              f"({self.stages[-1][0]}), got {self.head_channels}")
-        _positive("model", "expand_ratio", self.expand_ratio)
+            each_at_least("model", f"stages[{i}][1] (blocks per branch)", stage[1], 0)
+            each_at_least("model", f"stages[{i}][2] (channels per branch)", stage[2], 1)
+
+    @property
+    def min_image_size(self) -> int:
+        """The smallest input whose lowest-resolution branch still has one pixel per stride step."""
+        return self.input_stride * 2 ** (max(stage[0] for stage in self.stages) - 1)
 
 
 @dataclass
@@ -89,10 +107,17 @@ class DataConfig:
     augment: bool = _f(True, "imagefolder: random-resized-crop + horizontal flip on the training split.")
 
     def __post_init__(self) -> None:
-        _choice("data", "name", self.name, ("digits", "synthetic", "imagefolder"))
-        _positive("data", "image_size", self.image_size)
+        finite(self, "data")
+        choice("data", "name", self.name, ("digits", "synthetic", "imagefolder"))
+        positive("data", "image_size", self.image_size)
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"data.val_fraction: must be in (0, 1), got {self.val_fraction}")
+        positive("data", "split_seed", self.split_seed, allow_zero=True)
+        positive("data", "synthetic_train_size", self.synthetic_train_size)
+        positive("data", "synthetic_val_size", self.synthetic_val_size)
+        at_least("data", "synthetic_classes", self.synthetic_classes, 2)
+        positive("data", "synthetic_channels", self.synthetic_channels)
+        positive("data", "num_workers", self.num_workers, allow_zero=True)
 
 
 @dataclass
@@ -130,15 +155,31 @@ class TrainConfig:
                                     "also DeepSpeed's gradient_clipping.")
 
     def __post_init__(self) -> None:
-        _choice("train", "optimizer", self.optimizer, ("sgd", "rmsprop", "adamw"))
-        _choice("train", "lr_schedule", self.lr_schedule, ("cosine", "exp", "constant"))
-        _positive("train", "epochs", self.epochs)
-        _positive("train", "batch_size_per_rank", self.batch_size_per_rank)
-        _positive("train", "lr", self.lr)
-        _positive("train", "eval_every", self.eval_every)
-        _positive("train", "log_every", self.log_every)
-        _positive("train", "grad_accum_steps", self.grad_accum_steps)
-        _positive("train", "eval_bn_calibration_steps", self.eval_bn_calibration_steps, allow_zero=True)
+        finite(self, "train")
+        choice("train", "optimizer", self.optimizer, ("sgd", "rmsprop", "adamw"))
+        choice("train", "lr_schedule", self.lr_schedule, ("cosine", "exp", "constant"))
+        positive("train", "epochs", self.epochs)
+        positive("train", "batch_size_per_rank", self.batch_size_per_rank)
+        positive("train", "lr", self.lr)
+        positive("train", "lr_base_batch", self.lr_base_batch, allow_zero=True)
+        positive("train", "warmup_epochs", self.warmup_epochs, allow_zero=True)
+        between("train", "exp_gamma", self.exp_gamma, 0.0, 1.0, high_open=False, low_open=True)
+        positive("train", "exp_decay_epochs", self.exp_decay_epochs)
+        between("train", "momentum", self.momentum, 0.0, 1.0)
+        between("train", "rmsprop_alpha", self.rmsprop_alpha, 0.0, 1.0)
+        positive("train", "rmsprop_eps", self.rmsprop_eps)
+        if len(self.adamw_betas) != 2:
+            raise ConfigError(f"train.adamw_betas: expected two betas [beta1, beta2], got {self.adamw_betas}")
+        for i, beta in enumerate(self.adamw_betas):
+            between("train", f"adamw_betas[{i}]", beta, 0.0, 1.0)
+        positive("train", "weight_decay", self.weight_decay, allow_zero=True)
+        between("train", "label_smoothing", self.label_smoothing, 0.0, 1.0)
+        positive("train", "max_steps_per_epoch", self.max_steps_per_epoch, allow_zero=True)
+        positive("train", "seed", self.seed, allow_zero=True)
+        positive("train", "eval_every", self.eval_every)
+        positive("train", "log_every", self.log_every)
+        positive("train", "grad_accum_steps", self.grad_accum_steps)
+        positive("train", "eval_bn_calibration_steps", self.eval_bn_calibration_steps, allow_zero=True)
         if self.grad_clip_norm < 0:
             raise ConfigError(f"train.grad_clip_norm: must be >= 0 (0 = off), got {self.grad_clip_norm}")
         if self.batch_size_per_rank % self.grad_accum_steps:
@@ -187,8 +228,9 @@ class PruneConfig:
     rho_max_factor: float = _f(10.0, "Budget controller: rho stays within [rho / f, rho * f].")
 
     def __post_init__(self) -> None:
-        _choice("prune", "penalty", self.penalty, ("seconds", "macs", "equal", "none"))
-        _choice("prune", "schedule", self.schedule, ("linear", "cosine", "exp"))
+        finite(self, "prune")
+        choice("prune", "penalty", self.penalty, ("seconds", "macs", "equal", "none"))
+        choice("prune", "schedule", self.schedule, ("linear", "cosine", "exp"))
         if self.target_latency_ms is not None and self.target_ratio is not None:
             raise ConfigError("prune.target_latency_ms and prune.target_ratio are both set: give one budget")
         if self.target_latency_ms is not None and self.target_latency_ms <= 0:
@@ -203,16 +245,17 @@ class PruneConfig:
             raise ConfigError("prune.rho: must be > 0 with a latency budget (it is the controller's starting value)")
         if not 0 <= self.budget_tolerance < 1:
             raise ConfigError(f"prune.budget_tolerance: must be in [0, 1), got {self.budget_tolerance}")
-        _positive("prune", "epoch_target", self.epoch_target, allow_zero=True)
-        _positive("prune", "controller_kp", self.controller_kp, allow_zero=True)
-        _positive("prune", "controller_ki", self.controller_ki, allow_zero=True)
+        positive("prune", "epoch_target", self.epoch_target, allow_zero=True)
+        positive("prune", "controller_kp", self.controller_kp, allow_zero=True)
+        positive("prune", "controller_ki", self.controller_ki, allow_zero=True)
         if self.rho_max_factor < 1:
             raise ConfigError(f"prune.rho_max_factor: must be >= 1, got {self.rho_max_factor}")
-        _positive("prune", "rho", self.rho, allow_zero=True)
-        _positive("prune", "epoch_free", self.epoch_free, allow_zero=True)
-        _positive("prune", "threshold", self.threshold, allow_zero=True)
-        _positive("prune", "shrink_delta_seconds", self.shrink_delta_seconds, allow_zero=True)
-        _positive("prune", "bn_calibration_steps", self.bn_calibration_steps, allow_zero=True)
+        positive("prune", "rho", self.rho, allow_zero=True)
+        positive("prune", "epoch_free", self.epoch_free, allow_zero=True)
+        positive("prune", "epoch_warmup", self.epoch_warmup, allow_zero=True)
+        positive("prune", "threshold", self.threshold, allow_zero=True)
+        positive("prune", "shrink_delta_seconds", self.shrink_delta_seconds, allow_zero=True)
+        positive("prune", "bn_calibration_steps", self.bn_calibration_steps, allow_zero=True)
         if self.round_to != "auto" and (not isinstance(self.round_to, int) or self.round_to < 1):
             raise ConfigError(f"prune.round_to: must be auto or an integer >= 1, got {self.round_to!r}")
         if self.epoch_warmup and self.epoch_warmup < self.epoch_free:
@@ -270,22 +313,24 @@ class LatencyConfig:
                              "measurement scaled by the latency model. Empty = measure on this machine.")
 
     def __post_init__(self) -> None:
+        finite(self, "latency")
         if not (self.device == "cpu" or self.device == "cuda" or
                 (self.device.startswith("cuda:") and self.device[5:].isdigit())):
             raise ConfigError(f"latency.device: {self.device!r} is not cpu, cuda or cuda:N")
-        _positive("latency", "batch_size", self.batch_size)
-        _positive("latency", "threads", self.threads)
-        _positive("latency", "repeats", self.repeats)
-        _positive("latency", "network_repeats", self.network_repeats)
-        _choice("latency", "cost", self.cost, ("average", "marginal"))
-        _choice("latency", "backend", self.backend, ("torch", "onnxruntime"))
-        _positive("latency", "width_step", self.width_step)
+        positive("latency", "batch_size", self.batch_size)
+        positive("latency", "threads", self.threads)
+        positive("latency", "warmup", self.warmup, allow_zero=True)
+        positive("latency", "repeats", self.repeats)
+        positive("latency", "network_repeats", self.network_repeats)
+        choice("latency", "cost", self.cost, ("average", "marginal"))
+        choice("latency", "backend", self.backend, ("torch", "onnxruntime"))
+        positive("latency", "width_step", self.width_step)
         if self.flush_cache_mb < 0:
             raise ConfigError(f"latency.flush_cache_mb: must be >= 0 (0 = warm caches), got {self.flush_cache_mb}")
         if self.max_samples < 2:
             raise ConfigError(f"latency.max_samples: must be >= 2, got {self.max_samples}")
-        _positive("latency", "calibration_networks", self.calibration_networks, allow_zero=True)
-        _positive("latency", "network_spread", self.network_spread)
+        positive("latency", "calibration_networks", self.calibration_networks, allow_zero=True)
+        positive("latency", "network_spread", self.network_spread)
         if self.lut_device and not self.lut:
             raise ConfigError("latency.lut_device: needs latency.lut, the LUT file built on that device with "
                               "python -m dist_hrnas.profile")
@@ -301,9 +346,9 @@ class DistConfig:
     deepspeed: dict = _f({}, "DeepSpeed settings ({zero_stage: 0|1|2, ...}) or {config: path/to/ds.json}.")
 
     def __post_init__(self) -> None:
-        _choice("dist", "backend", self.backend, ("auto", "nccl", "gloo"))
-        _choice("dist", "engine", self.engine, ("ddp", "deepspeed"))
-        _positive("dist", "timeout_s", self.timeout_s)
+        choice("dist", "backend", self.backend, ("auto", "nccl", "gloo"))
+        choice("dist", "engine", self.engine, ("ddp", "deepspeed"))
+        positive("dist", "timeout_s", self.timeout_s)
 
 
 @dataclass
@@ -314,6 +359,10 @@ class LogConfig:
     tensorboard: bool = _f(True, "Write TensorBoard events under <run_dir>/tb/.")
     progress: bool = _f(True, "Show tqdm progress bars (rank 0 only).")
 
+    def __post_init__(self) -> None:
+        if "\n" in self.run_dir or "\x00" in self.run_dir:
+            raise ConfigError(f"log.run_dir: {self.run_dir!r} is not a usable directory name")
+
 
 @dataclass
 class CheckpointConfig:
@@ -323,8 +372,8 @@ class CheckpointConfig:
     resume: str = _f("auto", "auto (resume from checkpoints/last.pt if present) or never.")
 
     def __post_init__(self) -> None:
-        _choice("checkpoint", "resume", self.resume, ("auto", "never"))
-        _positive("checkpoint", "every_epochs", self.every_epochs, allow_zero=True)
+        choice("checkpoint", "resume", self.resume, ("auto", "never"))
+        positive("checkpoint", "every_epochs", self.every_epochs, allow_zero=True)
 
 
 @dataclass
@@ -340,6 +389,13 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     name: str = field(default="default", metadata={"doc": "Run name (the config file's stem)."})
+
+    def __post_init__(self) -> None:
+        """Checks that span sections: a value that is fine alone but not with another section's."""
+        if not self.model.arch and self.data.image_size < self.model.min_image_size:
+            raise ConfigError(f"data.image_size: {self.data.image_size} px is below {self.model.min_image_size} px, "
+                              f"the smallest input this model (input_stride {self.model.input_stride}, "
+                              f"{max(s[0] for s in self.model.stages)} resolutions) can downsample")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import platform
 import warnings
 from pathlib import Path
@@ -26,7 +27,7 @@ import torch
 
 from dist_hrnas.config import LatencyConfig
 from dist_hrnas.errors import UserError
-from dist_hrnas.fileio import atomic_write_json
+from dist_hrnas.fileio import atomic_write_json, writable_file_problem
 
 FORMAT = 1
 MACHINE_KEYS = ("device_name", "torch", "onnxruntime")  # the machine and its software, not the latency settings
@@ -53,11 +54,17 @@ def device_name(device: torch.device) -> str:
     return _cpu_name()
 
 
+def fingerprint_settings(cfg: LatencyConfig) -> dict:
+    """The fingerprint without its machine keys (:data:`MACHINE_KEYS`): what a remote table must match."""
+    return {"device_type": "cuda" if cfg.device.startswith("cuda") else "cpu", "backend": cfg.backend,
+            "dtype": "float32", "threads": cfg.threads, "batch_size": cfg.batch_size,
+            "flush_cache_mb": cfg.flush_cache_mb}
+
+
 def fingerprint(cfg: LatencyConfig, device: torch.device) -> dict:
     """Everything that changes an op's measured seconds apart from the op itself."""
-    fp = {"device_type": device.type, "device_name": device_name(device), "backend": cfg.backend,
-          "torch": torch.__version__.split("+")[0], "dtype": "float32", "threads": cfg.threads,
-          "batch_size": cfg.batch_size, "flush_cache_mb": cfg.flush_cache_mb}
+    fp = {**fingerprint_settings(cfg), "device_type": device.type, "device_name": device_name(device),
+          "torch": torch.__version__.split("+")[0]}
     if cfg.backend == "onnxruntime":
         import onnxruntime  # only reached when the backend is selected (an optional dependency)
         fp["onnxruntime"] = onnxruntime.__version__
@@ -88,7 +95,51 @@ def read_lut_file(path: Path) -> dict:
     if not ok:
         raise UserError(f"latency LUT {path} is corrupt (not a format-{FORMAT} dist_hrnas LUT): delete it or "
                         f"rebuild it with python -m dist_hrnas.profile")
+    for table in data["tables"].values():
+        for sig, entry in table["ops"].items():
+            problem = _entry_problem(entry)
+            if problem:
+                raise UserError(f"latency LUT {path}: op {str(sig)[:80]} {problem}: delete the entry (or the file) "
+                                f"and re-measure with python -m dist_hrnas.profile")
     return data
+
+
+def _entry_problem(entry: object) -> str:
+    """Why one op entry is unusable ('' when it is fine): ``{median_s > 0, spread_s >= 0}``, finite numbers."""
+    if not isinstance(entry, dict):
+        return f"is {type(entry).__name__}, not {{median_s, spread_s}}"
+    for key, low in (("median_s", "> 0"), ("spread_s", ">= 0")):
+        value = entry.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"has no number {key} (got {value!r})"
+        if not math.isfinite(value) or value < 0 or (key == "median_s" and value == 0):
+            return f"has {key}={value!r}; it must be a finite number {low} seconds"
+    return ""
+
+
+def check_lut_file(cfg: LatencyConfig) -> None:
+    """Before any timing: ``latency.lut`` is a valid LUT (every entry) and, unless only read, can be written."""
+    if not cfg.lut:
+        return
+    path = Path(cfg.lut)
+    if not cfg.lut_device:  # measuring here: the new entries are merged into the file afterwards
+        problem = writable_file_problem(path)
+        if problem:
+            raise UserError(f"latency.lut: cannot write the LUT file {path} ({problem}); choose another path")
+    elif not path.is_file():
+        raise UserError(f"latency.lut: {path} does not exist; latency.lut_device needs the LUT built on that "
+                        f"device with python -m dist_hrnas.profile")
+    read_lut_file(path)
+
+
+def lut_device_name(cfg: LatencyConfig) -> str:
+    """The device whose table ``latency.lut_device`` uses: its name, or with ``auto`` the name it resolves to."""
+    if cfg.lut_device != "auto":
+        return cfg.lut_device
+    data = read_lut_file(Path(cfg.lut))
+    return LatencyTable.remote(cfg, fingerprint_settings(cfg), Path(cfg.lut), data).fp.get("device_name", "?")
+
+
 
 
 class LatencyTable:

@@ -19,7 +19,6 @@ from tqdm import tqdm
 
 from dist_hrnas.parallel import comm
 from dist_hrnas.config import LatencyConfig
-from dist_hrnas.errors import UserError
 from dist_hrnas.latency.calibration import Calibration, sample_arch_widths
 from dist_hrnas.latency.curve import Curve, LatencyProfile, branch_key, curve_value, sample_widths
 from dist_hrnas.latency.lut import LatencyTable
@@ -366,13 +365,9 @@ def profile_on_rank0(model: HRNet, image_size: int, cfg: LatencyConfig, timer: T
                                      cfg.width_step, groups=groups).calibrated(model)
             packed = profile.to_tensor(keys)
             calibration = calibrate(profile, model, image_size, cfg, timer, table, network_timer).state_dict()
-        except UserError as err:
-            if not comm.is_initialized():
-                raise
-            error = str(err)
-    error = comm.broadcast_object(error)
-    if error is not None:
-        raise UserError(error)
+        except Exception as err:  # any failure (not only a UserError): the other ranks wait in the broadcast
+            error = err
+    comm.share_rank0_error(error, "the latency profile")
     comm.broadcast_(packed, src=0)
     profile = LatencyProfile.from_tensor(packed, keys, widths, samples, cfg.cost, join_counts, cfg.width_step)
     profile.groups = groups
@@ -384,7 +379,11 @@ def measure_network_on_rank0(model: nn.Module, image_size: int, cfg: LatencyConf
                              timer: Timer | None = None, network_timer: NetworkTimer | None = None) -> float:
     """End-to-end seconds measured by rank 0 (with ``network_timer`` when given) and broadcast to all ranks."""
     packed = torch.zeros(1, dtype=torch.float64)
+    error = None
     if not comm.is_initialized() or comm.rank() == 0:
-        packed[0] = _time_network(model, image_size, cfg, timer or make_timer(cfg), network_timer)
-    comm.barrier()
+        try:
+            packed[0] = _time_network(model, image_size, cfg, timer or make_timer(cfg), network_timer)
+        except Exception as err:  # the other ranks wait in the broadcast: they must hear of it
+            error = err
+    comm.share_rank0_error(error, "timing the network")
     return comm.broadcast_(packed, src=0).item()

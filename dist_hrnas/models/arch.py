@@ -41,6 +41,33 @@ def _bad(source: str, why: str) -> UserError:
                      f"(expected a searched_arch.yaml written by dist_hrnas)")
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_block(source: str, i: int, entry: object) -> tuple[str, list[int], list[int], tuple[int, int, int]]:
+    """One ``blocks`` entry, type-checked: never converted (a width of 2.7 is an error, not 2)."""
+    keys = ("name", "in", "out", "stride", "kernel_sizes", "widths")
+    if not isinstance(entry, dict) or any(k not in entry for k in keys):
+        raise _bad(source, f"blocks[{i}] needs {', '.join(keys)}")
+    name = entry["name"]
+    if not isinstance(name, str):
+        raise _bad(source, f"blocks[{i}].name must be a string, got {name!r}")
+    for key in ("in", "out", "stride"):
+        if not _is_int(entry[key]) or entry[key] < 1:
+            raise _bad(source, f"block {name}: {key} must be a positive integer, got {entry[key]!r}")
+    kernels, widths = entry["kernel_sizes"], entry["widths"]
+    if not isinstance(kernels, list) or not isinstance(widths, list) or len(kernels) != len(widths):
+        raise _bad(source, f"block {name}: kernel_sizes {kernels!r} and widths {widths!r} must be lists that pair up")
+    for k in kernels:
+        if not _is_int(k) or k < 1 or k % 2 == 0:
+            raise _bad(source, f"block {name}: kernel size {k!r} must be an odd positive integer (3, 5, 7, ...)")
+    for w in widths:
+        if not _is_int(w) or w < 1:
+            raise _bad(source, f"block {name}: width {w!r} must be a positive integer (widths >= 1)")
+    return name, list(kernels), list(widths), (entry["in"], entry["out"], entry["stride"])
+
+
 def model_from_arch(arch: dict, source: str = "architecture") -> HRNet:
     """Rebuild the network an architecture description describes (fresh weights)."""
     if not isinstance(arch, dict) or arch.get("format") != ARCH_FORMAT:
@@ -51,18 +78,16 @@ def model_from_arch(arch: dict, source: str = "architecture") -> HRNet:
         raise _bad(source, str(err)) from None
     if spec.arch:
         raise _bad(source, "model.arch must not be set inside an architecture file")
+    blocks = arch.get("blocks")
+    if not isinstance(blocks, list):
+        raise _bad(source, f"'blocks' must be a list of blocks, got {type(blocks).__name__}")
     shapes: dict[str, tuple[list[int], list[int]]] = {}
     declared: dict[str, tuple[int, int, int]] = {}
-    for i, entry in enumerate(arch.get("blocks") or []):
-        try:
-            name, kernels, widths = entry["name"], list(entry["kernel_sizes"]), list(entry["widths"])
-            declared[name] = (int(entry["in"]), int(entry["out"]), int(entry["stride"]))
-        except (KeyError, TypeError, ValueError):
-            raise _bad(source, f"blocks[{i}] needs name, in, out, stride, kernel_sizes, widths") from None
-        if len(kernels) != len(widths) or any(int(w) < 1 for w in widths) or any(int(k) % 2 == 0 for k in kernels):
-            raise _bad(source, f"block {name}: kernel_sizes {kernels} and widths {widths} must pair up, "
-                               f"with odd kernels and widths >= 1")
-        shapes[name] = ([int(k) for k in kernels], [int(w) for w in widths])
+    for i, entry in enumerate(blocks):
+        name, kernels, widths, geometry = _check_block(source, i, entry)
+        if name in shapes:
+            raise _bad(source, f"block {name} is listed twice")
+        shapes[name], declared[name] = (kernels, widths), geometry
     try:
         model = HRNet(spec, shapes)
     except KeyError as err:
@@ -81,7 +106,12 @@ def load_arch_file(path: str | os.PathLike) -> dict:
     if not p.is_file():
         raise UserError(f"architecture file not found: {p} (model.arch must name a searched_arch.yaml)")
     try:
-        return yaml_load(p.read_text())
+        return yaml_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise UserError(f"architecture file {p} is not UTF-8 text (byte {err.start}): it must be the YAML "
+                        f"searched_arch.yaml written by dist_hrnas") from None
+    except OSError as err:
+        raise UserError(f"cannot read architecture file {p}: {err.strerror}") from None
     except yaml.YAMLError as err:
         raise UserError(f"{p}: YAML syntax error in architecture file: {str(err).splitlines()[0]}") from None
 

@@ -9,12 +9,15 @@ import datetime
 import gc
 import os
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from dist_hrnas.config import DistConfig
 from dist_hrnas.errors import UserError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -92,19 +95,63 @@ def init_distributed(cfg: DistConfig, training_device: str = "auto") -> DistCont
     return DistContext(rank=rank, local_rank=local_rank, world_size=world_size, device=device, backend=backend)
 
 
-def shutdown(ctx: DistContext) -> None:
+def shutdown(ctx: DistContext, failed: bool = False) -> None:
     """Tear the process group down. Callers drop DDP/engine/optimizer references first.
 
     gloo can abort at exit while a wrapper still holds the group; collecting garbage and a final
-    barrier before destroying the group avoids that.
+    barrier before destroying the group avoids that. After a failure (``failed``) there is no barrier: the
+    other ranks may be inside a collective this rank will never join, and waiting for them would hold this
+    rank (and, under torchrun, the whole job) until ``dist.timeout_s``. Exiting lets torchrun end the others.
     """
     if not dist.is_initialized():
         return
     gc.collect()
     try:
-        dist.barrier()
+        if not failed:
+            dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _one_line(err: BaseException, what: str) -> str:
+    """The line every rank raises for rank 0's ``err``: a user error as it is, a bug named with its type."""
+    if isinstance(err, UserError):
+        return str(err)
+    text = " ".join(str(err).split())
+    text = text if len(text) <= 200 else text[:197] + "..."
+    return f"{what} failed on rank 0 ({type(err).__name__}: {text}); its traceback is in rank 0's output"
+
+
+def share_rank0_error(err: BaseException | None, what: str) -> None:
+    """Collective, after work rank 0 did alone: if it failed (``err`` on rank 0), every rank raises one line.
+
+    Rank 0 re-raises its own exception (a bug keeps its traceback); the others raise a :class:`UserError`
+    with the same line, so none is left waiting in a later collective. No-op without a process group
+    (``err`` is then raised as it is).
+    """
+    line = None if err is None else _one_line(err, what)
+    if dist.is_initialized():
+        line = broadcast_object(line)
+    if err is not None:
+        raise err
+    if line is not None:
+        raise UserError(line)
+
+
+def on_rank0(work: Callable[[], T], what: str) -> T | None:
+    """``work()`` on rank 0 alone (its result there, None elsewhere); a failure stops every rank with one line.
+
+    For what only rank 0 does (profile, LUT, timing, checkpoint and summary writes): the other ranks wait in
+    one broadcast and leave it together with rank 0, whether it succeeded or failed.
+    """
+    result, error = None, None
+    if rank() == 0:
+        try:
+            result = work()
+        except Exception as err:  # any failure: the other ranks must hear of it, not wait for dist.timeout_s
+            error = err
+    share_rank0_error(error, what)
+    return result
 
 
 def is_initialized() -> bool:

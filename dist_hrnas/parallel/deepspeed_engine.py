@@ -17,6 +17,7 @@ does nothing.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import gc
 import json
 import os
@@ -31,6 +32,58 @@ from dist_hrnas.parallel.engine import LocalEngine
 from dist_hrnas.errors import UserError
 
 _HOOKS = ("module_forward_pre_hook", "module_forward_post_hook", "first_dataloader_check")
+
+# The top-level keys DeepSpeed (0.19, deepspeed/runtime/config.py and the section parsers it calls) reads, plus
+# our own two (zero_stage, config). DeepSpeed ignores any other top-level key without a word, so a typo such as
+# zero_stag would silently train at ZeRO-0: every key is checked against this list before anything runs.
+DEEPSPEED_KEYS = frozenset({
+    "zero_stage", "config",
+    "activation_checkpointing", "aio", "amp", "autotuning", "bf16", "checkpoint", "comet", "comms_logger",
+    "communication_data_type", "compression_training", "csv_monitor", "curriculum_learning", "data_efficiency",
+    "data_types", "dataloader_drop_last", "disable_allgather", "disable_python_gc", "dump_state", "elasticity",
+    "expert_parallel", "flops_profiler", "fp16", "gradient_accumulation_steps", "gradient_allreduce_op",
+    "gradient_clipping", "gradient_predivide_factor", "hybrid_engine", "log_level", "lower_precision_safe_modules",
+    "managed_gradient_accumulation", "memory_breakdown", "nebula", "optimizer", "pipeline", "prescale_gradients",
+    "scheduler", "seq_parallel_communication_data_type", "sparse_attention", "steps_per_print", "tensor_parallel",
+    "tensorboard", "timers", "torch_autocast", "train_batch_size", "train_micro_batch_size_per_gpu",
+    "use_data_before_expert_parallelism", "vocabulary_size", "wall_clock_breakdown", "wandb",
+    "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer", "zero_optimization"})
+
+
+def _unknown_key(key: str, where: str) -> UserError:
+    close = difflib.get_close_matches(key, sorted(DEEPSPEED_KEYS), n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}?" if close else "see https://www.deepspeed.ai/docs/config-json/"
+    return UserError(f"dist.deepspeed.{key}{where}: not a DeepSpeed config key; {hint}")
+
+
+def check_deepspeed_settings(ds_settings: dict) -> None:
+    """Refuse ``dist.deepspeed`` settings DeepSpeed would reject or silently ignore, before anything runs.
+
+    Unknown top-level keys (DeepSpeed ignores them) and ``zero_optimization`` checked against DeepSpeed's own
+    schema (its pydantic ``DeepSpeedZeroConfig`` forbids unknown fields); then everything :func:`deepspeed_config`
+    refuses (stage 3, optimizer/scheduler sections, fp16, gradient_clipping). Same answer at any world size.
+    """
+    settings = dict(ds_settings or {})
+    where = ""
+    if "config" in settings and len(settings) == 1:
+        settings, where = _load_json(settings["config"]), f" (in {ds_settings['config']})"
+    for key in settings:
+        if key not in DEEPSPEED_KEYS or (where and key in ("zero_stage", "config")):
+            raise _unknown_key(str(key), where)
+    cfg = deepspeed_config(ds_settings, 1, 1, False)
+    zero = cfg.get("zero_optimization")
+    if isinstance(zero, dict):
+        try:
+            from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+        except ImportError:
+            raise UserError("dist.engine=deepspeed needs DeepSpeed: pip install deepspeed") from None
+        try:
+            DeepSpeedZeroConfig(**zero)
+        except Exception as err:  # pydantic's ValidationError: name the first field it names
+            first = getattr(err, "errors", lambda: [{}])()[0]
+            field = ".".join(str(x) for x in first.get("loc", ())) or "?"
+            raise UserError(f"dist.deepspeed.zero_optimization.{field}{where}: {first.get('msg', err)} "
+                            f"(DeepSpeed's ZeRO config schema)") from None
 
 
 def _stage_error(stage: object) -> UserError:
@@ -66,9 +119,15 @@ def deepspeed_config(ds_settings: dict, micro_batch: int, grad_accum: int, bf16:
                             f"(also got {sorted(settings)})")
         cfg, where = _load_json(path), f" (in {path})"
     else:
-        stage = settings.pop("zero_stage", 0)
         cfg, where = settings, ""
-        cfg["zero_optimization"] = {**(cfg.get("zero_optimization") or {}), "stage": stage}
+        zero = cfg.get("zero_optimization") or {}
+        if not isinstance(zero, dict):
+            raise UserError(f"dist.deepspeed.zero_optimization: expected a mapping of ZeRO settings, got {zero!r}")
+        stage = settings.pop("zero_stage", zero.get("stage", 0))
+        if "stage" in zero and zero["stage"] != stage:
+            raise UserError(f"dist.deepspeed: zero_stage={stage} and zero_optimization.stage={zero['stage']} "
+                            f"disagree; give one of them")
+        cfg["zero_optimization"] = {**zero, "stage": stage}
     for section in ("optimizer", "scheduler"):
         if section in cfg:
             raise UserError(f"dist.deepspeed: the DeepSpeed config{where} has a '{section}' section; remove it: "

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from dist_hrnas.errors import UserError
 from dist_hrnas.models import HRNet, export_arch
 from dist_hrnas.parallel import comm
 from dist_hrnas.search.budget import branch_channels, full_masks, masks_without, ranked_channels
@@ -64,21 +63,14 @@ def decide_by_model(search: "Search", model: HRNet, masks: Masks, epoch: int, la
 
 def decide_by_measurement(search: "Search", model: HRNet, masks: Masks, epoch: int, last_epoch: bool) -> Decision:
     """Rank 0 proposes, measures and chooses; every rank receives the decision (or rank 0's error)."""
-    payload, error = None, None
-    if comm.rank() == 0:
-        try:
-            decision = (_budget_candidates if search.budget is not None else _confirm)(
-                search, model, masks, epoch, last_epoch)
-            payload = {"flat": flatten_masks(model, decision.masks).tolist(), "due": decision.due,
-                       "refusals": decision.refusals, "measured_s": decision.measured_s,
-                       "before_s": decision.before_s, "probes": decision.probes}
-        except UserError as err:
-            if not comm.is_initialized():
-                raise
-            error = str(err)
-    payload, error = comm.broadcast_object((payload, error))
-    if error is not None:
-        raise UserError(error)
+    def on_rank0() -> dict:
+        decision = (_budget_candidates if search.budget is not None else _confirm)(search, model, masks, epoch,
+                                                                                   last_epoch)
+        return {"flat": flatten_masks(model, decision.masks).tolist(), "due": decision.due,
+                "refusals": decision.refusals, "measured_s": decision.measured_s, "before_s": decision.before_s,
+                "probes": decision.probes}
+
+    payload = comm.broadcast_object(comm.on_rank0(on_rank0, "measuring the shrink's candidates"))
     masks = unflatten_masks(model, torch.tensor(payload.pop("flat"), dtype=torch.bool))
     return Decision(masks, **payload)
 

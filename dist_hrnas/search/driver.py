@@ -68,7 +68,10 @@ class Search:
         if self.enabled and cfg.prune.has_budget:
             self.budget = BudgetSteer(cfg.prune, cfg.train.epochs, self.latency_ms_supernet / 1e3,
                                       self.supernet_predicted_s,
-                                      smallest_predicted_s(self.profile, model, self.registry.entries),
+                                      # the fixed part alone is a floor the latency model's estimate may
+                                      # undercut (a negative context part): no target below it is reachable
+                                      max(smallest_predicted_s(self.profile, model, self.registry.entries),
+                                          self.profile.fixed_s),
                                       where=f"{cfg.latency.device} at batch {cfg.latency.batch_size}")
             if saved is not None and saved.get("budget"):
                 self.budget.load_state_dict(saved["budget"])

@@ -130,9 +130,11 @@ def shrink(search: Search, state: TrainState, ctx: comm.DistContext, decision: D
                           latency_ms_measured_after=round(measured_ms, 4), extra=extra).to_dict()
     search.shrinks.append(record)
     board.log_shrink(writer, record, len(search.shrinks), search.budget is not None)
-    if comm.rank() == 0:
+    def append() -> None:
         with open(search.files.shrinks, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+    comm.on_rank0(append, f"appending to {search.files.shrinks}")  # a failed write stops every rank
     return record
 
 

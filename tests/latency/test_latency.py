@@ -248,6 +248,14 @@ def test_training_for_another_machine_times_nothing_here(tmp_path, monkeypatch):
     assert list(read_lut_file(lut)["tables"]) == ["another"] and read_lut_file(lut)["tables"]["another"] == table
 
 
+def test_lut_device_auto_names_the_device_it_resolved_to(tmp_path):
+    args = ["--config", str(CONFIGS / "digits.yaml"), *SEARCH, "train.epochs=1"]
+    lut = _lut_from_another_machine(tmp_path, args)
+    run_dir = tmp_path / "run"
+    assert train.main([*args, f"latency.lut={lut}", "latency.lut_device=auto", f"log.run_dir={run_dir}"]) == 0
+    assert json.loads((run_dir / "summary.json").read_text())["latency_source"] == "lut:Edge Board X1"
+
+
 @pytest.mark.parametrize("device, extra, needle", [
     ("Other Board", [], "has no single table for that device"),
     ("auto", ["latency.batch_size=3"], "has no single table for that device at"),
