@@ -124,17 +124,34 @@ def barrier() -> None:
         dist.barrier()
 
 
+def _on_backend_device(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, or a copy on this rank's GPU when the backend is nccl and it lives on the CPU.
+
+    nccl moves CUDA tensors only ("No backend type associated with device type cpu"), and the small
+    bookkeeping tensors (losses, flags, validation counts, the latency profile, masks) are CPU tensors.
+    """
+    if tensor.is_cuda or dist.get_backend() != "nccl":
+        return tensor
+    return tensor.to(torch.device("cuda", torch.cuda.current_device()))
+
+
 def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     """In-place broadcast from ``src``; identity without a process group."""
     if dist.is_initialized():
-        dist.broadcast(tensor, src)
+        moved = _on_backend_device(tensor)
+        dist.broadcast(moved, src)
+        if moved is not tensor:
+            tensor.copy_(moved)
     return tensor
 
 
 def _all_reduce(tensor: torch.Tensor, op: dist.ReduceOp, mean: bool = False) -> torch.Tensor:
     """The one all-reduce every public wrapper goes through; identity without a process group."""
     if dist.is_initialized():
-        dist.all_reduce(tensor, op=op)
+        moved = _on_backend_device(tensor)
+        dist.all_reduce(moved, op=op)
+        if moved is not tensor:
+            tensor.copy_(moved)
         if mean:
             tensor /= dist.get_world_size()
     return tensor
