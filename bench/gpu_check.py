@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.metadata
 import json
 import os
 import platform
@@ -208,11 +209,9 @@ def machine() -> dict:
     if torch.cuda.is_available():
         info |= {"gpu": torch.cuda.get_device_name(0), "gpus": torch.cuda.device_count(),
                  "nccl": ".".join(map(str, torch.cuda.nccl.version()))}
-    try:
-        import deepspeed
-        info["deepspeed"] = deepspeed.__version__
-    except ImportError:
-        info["deepspeed"] = None
+    for package in ("deepspeed", "onnxruntime", "onnxruntime-gpu"):   # not imported: DeepSpeed logs to stdout
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            info[package] = importlib.metadata.version(package)
     return info
 
 
