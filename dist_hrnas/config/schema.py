@@ -344,6 +344,9 @@ class DistConfig:
     engine: str = _f("ddp", "ddp (DistributedDataParallel) or deepspeed.")
     timeout_s: int = _f(300, "Collective timeout: a lost rank ends the job with an error after this long.")
     deepspeed: dict = _f({}, "DeepSpeed settings ({zero_stage: 0|1|2, ...}) or {config: path/to/ds.json}.")
+    always_group: bool = _f(False, "Under torchrun with a single process, still create the process group and "
+                                   "the dist.engine (DDP or DeepSpeed) instead of training the bare module: one GPU "
+                                   "then runs the multi-GPU code path, nccl included (bench/gpu_check.py).")
 
     def __post_init__(self) -> None:
         choice("dist", "backend", self.backend, ("auto", "nccl", "gloo"))

@@ -1,7 +1,8 @@
 """The process group and its collectives. Everything else asks this module (never ``torch.distributed``).
 
 Reads what torchrun sets (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT). World size 1 creates no
-process group, so single-process runs take exactly the same code path with every collective a no-op.
+process group (unless ``dist.always_group``), so single-process runs take exactly the same code path with every
+collective a no-op.
 """
 from __future__ import annotations
 
@@ -80,14 +81,15 @@ def init_distributed(cfg: DistConfig, training_device: str = "auto") -> DistCont
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    if world_size == 1:
+    if world_size == 1 and not cfg.always_group:
         return DistContext(device=device)
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
     if backend == "nccl" and device.type != "cuda":
         raise UserError("dist.backend=nccl needs CUDA devices; use dist.backend=gloo (or auto) on CPU")
     for var in ("MASTER_ADDR", "MASTER_PORT"):
         if var not in os.environ:
-            raise UserError(f"WORLD_SIZE={world_size} but {var} is not set: start with torchrun")
+            raise UserError(f"WORLD_SIZE={world_size}{' with dist.always_group=true' if world_size == 1 else ''} "
+                            f"but {var} is not set: start with torchrun")
     timeout = datetime.timedelta(seconds=cfg.timeout_s)
     dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout,
                             store=_rendezvous_store(rank, world_size, timeout),
@@ -171,17 +173,34 @@ def barrier() -> None:
         dist.barrier()
 
 
+def _on_backend_device(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, or a copy on this rank's GPU when the backend is nccl and it lives on the CPU.
+
+    nccl moves CUDA tensors only ("No backend type associated with device type cpu"), and the small
+    bookkeeping tensors (losses, flags, validation counts, the latency profile, masks) are CPU tensors.
+    """
+    if tensor.is_cuda or dist.get_backend() != "nccl":
+        return tensor
+    return tensor.to(torch.device("cuda", torch.cuda.current_device()))
+
+
 def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     """In-place broadcast from ``src``; identity without a process group."""
     if dist.is_initialized():
-        dist.broadcast(tensor, src)
+        moved = _on_backend_device(tensor)
+        dist.broadcast(moved, src)
+        if moved is not tensor:
+            tensor.copy_(moved)
     return tensor
 
 
 def _all_reduce(tensor: torch.Tensor, op: dist.ReduceOp, mean: bool = False) -> torch.Tensor:
     """The one all-reduce every public wrapper goes through; identity without a process group."""
     if dist.is_initialized():
-        dist.all_reduce(tensor, op=op)
+        moved = _on_backend_device(tensor)
+        dist.all_reduce(moved, op=op)
+        if moved is not tensor:
+            tensor.copy_(moved)
         if mean:
             tensor /= dist.get_world_size()
     return tensor

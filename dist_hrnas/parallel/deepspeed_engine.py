@@ -145,7 +145,13 @@ def deepspeed_config(ds_settings: dict, micro_batch: int, grad_accum: int, bf16:
     cfg.pop("train_batch_size", None)                          # DeepSpeed derives it from the two below
     cfg["train_micro_batch_size_per_gpu"] = int(micro_batch)
     cfg["gradient_accumulation_steps"] = int(grad_accum)
-    cfg["bf16"] = {**(cfg.get("bf16") or {}), "enabled": bool(bf16)}
+    # bf16 the way DDP does it: fp32 parameters, bf16 compute under torch.autocast (train.autocast);
+    # a config file's own bf16 section is overridden, like the batch sizes.
+    # DeepSpeed's own bf16 mode casts the module's parameters to bf16 but keeps the BN buffers fp32, so
+    # batch_norm failed ("expected scalar type BFloat16 but found Float"), and evaluation, BN calibration,
+    # surgery and latency timing would all have run a bf16 module on fp32 inputs.
+    cfg["bf16"] = {**(cfg.get("bf16") or {}), "enabled": False}
+    cfg["torch_autocast"] = {**(cfg.get("torch_autocast") or {}), "enabled": bool(bf16), "dtype": "bfloat16"}
     cfg["gradient_clipping"] = float(grad_clip_norm)
     cfg["steps_per_print"] = 10 ** 9
     cfg.setdefault("managed_gradient_accumulation", False)

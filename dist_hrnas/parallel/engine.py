@@ -81,9 +81,10 @@ class DDPEngine(LocalEngine):
 
 def make_engine(cfg: Config, module: nn.Module, optimizer: torch.optim.Optimizer,
                 ctx: comm.DistContext) -> LocalEngine:
-    """The engine ``dist.engine`` names; a plain one when there is a single process."""
+    """The engine ``dist.engine`` names; a plain one when there is no process group (a single process,
+    unless ``dist.always_group``)."""
     clip = cfg.train.grad_clip_norm
-    if ctx.world_size == 1:
+    if not ctx.backend:
         return LocalEngine(module, optimizer, clip)
     if cfg.dist.engine == "ddp":
         return DDPEngine(module, optimizer, ctx.device, clip)

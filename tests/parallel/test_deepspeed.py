@@ -6,6 +6,7 @@ import contextlib
 import gc
 import hashlib
 import json
+import math
 import weakref
 
 import pytest
@@ -209,3 +210,58 @@ def test_deepspeed_config_file_is_read(tmp_path):
     path.write_text("{not json")
     with pytest.raises(UserError, match="ds.json"):
         deepspeed_config({"config": str(path)}, 4, 1, False)
+
+
+def _bf16_rank(rank: int) -> dict:
+    """ZeRO-2 with bf16 (autocast as train.autocast does on CUDA; here on CPU), through a shrink and rebuild."""
+    import torch.nn.functional as F
+
+    from dist_hrnas.optim import build_optimizer
+    from dist_hrnas.parallel.comm import DistContext
+    from dist_hrnas.search.surgery import carry_optimizer_state, shrink_model
+
+    cfg, model = _setup()
+    ctx = DistContext(rank=rank, world_size=2, backend="gloo")
+    make = lambda opt: DeepSpeedEngine(model, opt, ctx, deepspeed_config({"zero_stage": 2}, 4, 1, True))  # noqa: E731
+    engine = make(build_optimizer(model, cfg.train, LR))
+    gen = torch.Generator().manual_seed(10 + rank)
+    x, y = torch.randn(4, 1, 16, 16, generator=gen), torch.randint(0, 10, (4,), generator=gen)
+    dtypes, losses = set(), []
+    for _ in range(2):
+        for _ in range(2):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = F.cross_entropy(engine(x), y)
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+            dtypes |= {p.dtype for p in model.parameters()}
+        view, old_params = engine.optimizer_view(), dict(model.named_parameters())
+        result = shrink_model(model, _masks(model, 2))
+        new_opt = build_optimizer(model, cfg.train, LR)
+        carry_optimizer_state(view, old_params, new_opt, model, result)
+        _release(engine)
+        engine = make(new_opt)
+    model.eval()
+    with torch.no_grad():
+        logits = model(x)                                     # what evaluation and BN calibration do: fp32 in
+    _release(engine)
+    return {"dtypes": sorted(map(str, dtypes | {p.dtype for p in model.parameters()})), "losses": losses,
+            "logits": str(logits.dtype), "hash": _hash(model)}
+
+
+@pytest.mark.slow
+def test_deepspeed_bf16_keeps_fp32_parameters_through_training_and_shrinks():
+    """train.bf16 with DeepSpeed = fp32 parameters + bf16 autocast, like DDP. DeepSpeed's own bf16 mode cast the
+    parameters to bf16 and kept the BN buffers fp32: the first forward failed in batch_norm."""
+    (s0, r0), (s1, r1) = run_ranks(_bf16_rank)
+    assert s0 == s1 == "ok", (r0, r1)
+    assert r0["dtypes"] == r1["dtypes"] == ["torch.float32"]
+    assert r0["logits"] == "torch.float32" and all(map(math.isfinite, r0["losses"]))
+    assert r0["hash"] == r1["hash"]
+
+
+def test_deepspeed_config_maps_bf16_to_autocast_not_bf16_parameters():
+    cfg = deepspeed_config({"zero_stage": 2, "bf16": {"enabled": True}}, 8, 1, True)
+    assert cfg["bf16"]["enabled"] is False
+    assert cfg["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    assert deepspeed_config({"zero_stage": 2}, 8, 1, False)["torch_autocast"]["enabled"] is False

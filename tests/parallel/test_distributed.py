@@ -141,3 +141,30 @@ def test_two_nodes_with_c10d_rendezvous_on_localhost(tmp_path, python_env):
             node.kill()
     assert [n.returncode for n in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     _check_two_rank_run(run_dir)
+
+
+def test_always_group_makes_one_process_a_group_with_the_configured_engine(monkeypatch):
+    """dist.always_group: one process (one GPU) runs the multi-rank path: a process group and a DDP engine."""
+    from dist_hrnas.config import DistConfig
+    from dist_hrnas.errors import UserError
+    from dist_hrnas.optim import build_optimizer
+    from dist_hrnas.parallel import comm
+    from dist_hrnas.parallel.engine import DDPEngine, LocalEngine, make_engine
+
+    cfg = load_config(CONFIGS / "digits.yaml", ["dist.always_group=true"])
+    model = _model()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(UserError, match="always_group=true but MASTER_ADDR is not set"):
+        comm.init_distributed(cfg.dist, training_device="cpu")
+    assert isinstance(make_engine(cfg, model, build_optimizer(model, cfg.train, 0.1), comm.init_distributed(
+        DistConfig(), training_device="cpu")), LocalEngine)          # the default: no group, the bare module
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    ctx = comm.init_distributed(cfg.dist, training_device="cpu")
+    try:
+        assert (ctx.world_size, ctx.backend, comm.is_initialized()) == (1, "gloo", True)
+        engine = make_engine(cfg, model, build_optimizer(model, cfg.train, 0.1), ctx)
+        assert isinstance(engine, DDPEngine)
+        engine.release()
+    finally:
+        comm.shutdown(ctx)
