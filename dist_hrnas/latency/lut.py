@@ -7,7 +7,8 @@ File layout (``format`` 1)::
                                      "ops": {"<op signature>": {"median_s": float, "spread_s": float}}}}}
 
 A fingerprint says what the numbers are valid for (device name, backend, torch version, dtype, threads,
-batch size); one file may hold tables of several devices, and writing one never drops another's entries.
+batch size, ``memory_format: channels_last`` when ops are timed in that format); one file may hold tables of
+several devices, and writing one never drops another's entries.
 """
 from __future__ import annotations
 
@@ -53,6 +54,8 @@ def fingerprint(cfg: LatencyConfig, device: torch.device) -> dict:
     fp = {"device_type": device.type, "device_name": device_name(device), "backend": cfg.backend,
           "torch": torch.__version__.split("+")[0], "dtype": "float32", "threads": cfg.threads,
           "batch_size": cfg.batch_size, "flush_cache_mb": cfg.flush_cache_mb}
+    if cfg.backend == "torch" and cfg.timed_channels_last:  # absent = the default format (LUTs from before it)
+        fp["memory_format"] = "channels_last"
     if cfg.backend == "onnxruntime":
         import onnxruntime  # only reached when the backend is selected (an optional dependency)
         fp["onnxruntime"] = onnxruntime.__version__
