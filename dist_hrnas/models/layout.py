@@ -1,8 +1,7 @@
 """Memory format of the network: ``torch.channels_last`` (NHWC) or the default (NCHW), for modules and tensors.
 
-On the 2-core development CPU a training step of the ImageNet supernet (batch 4, 224 px, one thread) took
-0.59x the time with the model and its input in channels_last (oneDNN's convolutions run NHWC natively; in the
-default format every conv reorders its input and output); cuDNN's tensor-core convolutions prefer NHWC too.
+oneDNN's convolutions run NHWC natively (in the default format every conv reorders its input and output) and
+cuDNN's tensor-core convolutions prefer NHWC too; ``bench/overhead.py`` times a training step in both formats.
 
 "In a format" means *canonical strides*: a tensor laid out exactly as ``torch.empty(shape,
 memory_format=...)`` lays it out. ``is_contiguous(memory_format=...)`` is not enough to tell the formats apart:
