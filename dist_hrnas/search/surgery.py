@@ -10,8 +10,9 @@ per output channel. Subtracting the block's total v from ``pw_bn.running_mean`` 
 unchanged; a block left without branches gets ``bias = pw_bn_eval(v)`` instead.
 
 Sliced parameters (and state sliced by :meth:`ParamSlice.apply`) keep the memory format of the tensor they
-are cut from, so a channels_last model stays channels_last. Surgery works in place and touches no random
-number generator, so every process given the same model and
+are cut from, so a channels_last model stays channels_last.
+
+Surgery works in place and touches no random number generator, so every process given the same model and
 masks ends with bit-identical weights. :class:`ShrinkResult` tells, for every parameter name after
 surgery, which old parameter it came from and how it was sliced, which is what
 :func:`carry_optimizer_state` (and any other per-parameter state, e.g. an EMA) needs.
