@@ -8,11 +8,17 @@ to ``bench/results/overhead.json``.
     Target <= 2 s.
 (c) ``two_rank_speedup``: plain training throughput of 2 gloo ranks over 1 rank (one thread per process,
     same per-rank batch). Target >= 1.6.
-(d) ``candidate_timing_share``: a default digits search (``configs/digits.yaml``, one process): the seconds it
+(d) ``memory_format``: the same step in both memory formats, side by side in one process, rounds interleaved:
+    a training step (forward, backward, SGD) of the ImageNet supernet at batch 4, 224 px, one thread
+    (``train_step_ratio`` = channels_last / default, target <= 0.65), and forward passes (eval, no grad) of
+    the digits supernet at batch 32 and 1 and the ImageNet supernet at batch 1 (``inference_ratio``).
+(a)-(c) train in the configs' format (``train.channels_last``, default channels_last).
+(e) ``candidate_timing_share``: a default digits search (``configs/digits.yaml``, one process): the seconds it
     spent timing candidate networks before its shrinks (summary.json ``candidate_timing_s``) over its wall
     time. Target <= 0.10.
 
-Usage: ``python bench/overhead.py [--rounds N] [--steps N] [--out FILE]``
+Usage: ``python bench/overhead.py [--rounds N] [--steps N] [--sections a,b,...] [--quick] [--out FILE]``
+(``--quick``: tiny sizes, only to check that it runs end to end; its figures mean nothing)
 """
 from __future__ import annotations
 
@@ -45,14 +51,16 @@ def _digits_state(ctx: DistContext, steps: int, overrides: list[str]):
     """Config, loaders and a TrainState for the digits supernet, the way train.run builds them."""
     from dist_hrnas.data import build_datasets, build_loaders
     from dist_hrnas.models import build_model
+    from dist_hrnas.models.layout import set_memory_format_
     from dist_hrnas.optim import scaled_lr
     from dist_hrnas.parallel.rewrap import build_state
 
     cfg = load_config(DIGITS, [*QUIET, f"train.max_steps_per_epoch={steps}", *overrides])
     torch.manual_seed(0)
     data = build_datasets(cfg.data)
-    model = build_model(cfg.model)
-    loader, _, sampler = build_loaders(data, cfg.train.batch_size_per_rank, 0, 0, ctx.rank, ctx.world_size)
+    model = set_memory_format_(build_model(cfg.model), cfg.train.channels_last)
+    loader, _, sampler = build_loaders(data, cfg.train.batch_size_per_rank, 0, 0, ctx.rank, ctx.world_size,
+                                       channels_last=cfg.train.channels_last)
     lr = scaled_lr(cfg.train, cfg.train.batch_size_per_rank * ctx.world_size)
     return cfg, data, loader, build_state(cfg, ctx, model, lr, steps, None)
 
@@ -92,6 +100,7 @@ def _shrink_rank(rank: int, engine: str) -> dict:
     """One shrink of the ImageNet supernet with optimizer state, timed phase by phase on every rank."""
     from dist_hrnas.parallel import comm
     from dist_hrnas.models import build_model
+    from dist_hrnas.models.layout import set_memory_format_
     from dist_hrnas.parallel.rewrap import build_state, rewrap
     from dist_hrnas.search.masks import broadcast_masks
     from dist_hrnas.search.shrink import check_same_on_all_ranks
@@ -100,7 +109,7 @@ def _shrink_rank(rank: int, engine: str) -> dict:
     cfg = load_config(IMAGENET, [*QUIET, f"dist.engine={engine}", "dist.deepspeed.zero_stage=2"])
     ctx = DistContext(rank=rank, world_size=2, backend="gloo")
     torch.manual_seed(0)
-    model = build_model(cfg.model)
+    model = set_memory_format_(build_model(cfg.model), cfg.train.channels_last)
     state = build_state(cfg, ctx, model, 0.1, 100, None)
     x = torch.randn(2, 3, 64, 64)                                      # one real step: optimizer state to carry
     state.engine.backward(state.engine(x).logsumexp(1).mean())
@@ -160,8 +169,89 @@ def scaling(steps: int) -> dict:
             "threads_per_rank": 1, "target_min": 1.6}
 
 
+FORMATS = {"default": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def _interleaved(fns: dict[str, object], rounds: int, reps: int) -> dict[str, float]:
+    """Median over ``rounds`` of each callable's mean seconds over ``reps`` calls; in every round each callable
+    runs once after the other, so drift and interference on the machine hit both formats alike."""
+    for fn in fns.values():                                            # warm-up: allocator, oneDNN primitives
+        fn()
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            times[name].append((time.perf_counter() - start) / reps)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _supernet(config: Path, fmt: torch.memory_format, overrides: list[str]):
+    from dist_hrnas.models import build_model
+
+    cfg = load_config(config, [*QUIET, *overrides])
+    torch.manual_seed(0)                                               # the same weights in both formats
+    return cfg, build_model(cfg.model).to(memory_format=fmt)
+
+
+def _train_step(config: Path, fmt: torch.memory_format, batch: int, size: int):
+    """One training step (forward, backward, SGD) of the supernet on a fixed batch in ``fmt``."""
+    import torch.nn.functional as F
+
+    from dist_hrnas.optim import build_optimizer
+
+    cfg, model = _supernet(config, fmt, [f"data.image_size={size}", "train.optimizer=sgd"])
+    optimizer = build_optimizer(model.train(), cfg.train, 0.01)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, cfg.model.image_channels, size, size, generator=gen).contiguous(memory_format=fmt)
+    y = torch.randint(0, cfg.model.num_classes, (batch,), generator=gen)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return step
+
+
+def _forward(config: Path, fmt: torch.memory_format, batch: int, size: int):
+    cfg, model = _supernet(config, fmt, [])
+    model.eval()
+    x = torch.randn(batch, cfg.model.image_channels, size, size).contiguous(memory_format=fmt)
+
+    @torch.no_grad()
+    def forward() -> None:
+        model(x)
+    return forward
+
+
+def memory_format_ratios(rounds: int, quick: bool) -> dict:
+    """(d): channels_last / default time of a training step and of forward passes, measured side by side."""
+    torch.set_num_threads(1)
+    train_batch, train_size, imagenet_size = (2, 64, 64) if quick else (4, 224, 224)
+    step_s = _interleaved({name: _train_step(IMAGENET, fmt, train_batch, train_size)
+                           for name, fmt in FORMATS.items()}, rounds, 1 if quick else 3)
+    out = {"train_step": {"model": "hrnas_imagenet supernet", "batch": train_batch, "image_size": train_size,
+                          "optimizer": "sgd", "threads": 1, "rounds": rounds,
+                          **{f"{name}_s": round(v, 4) for name, v in step_s.items()},
+                          "train_step_ratio": round(step_s["channels_last"] / step_s["default"], 3),
+                          "target_max": 0.65}}
+    inference = {}
+    for label, config, batch, size in (("digits_batch32", DIGITS, 32, 32), ("hrnas_imagenet_batch1", IMAGENET, 1,
+                                       imagenet_size), ("digits_batch1", DIGITS, 1, 32)):
+        fwd = _interleaved({name: _forward(config, fmt, batch, size) for name, fmt in FORMATS.items()}, rounds,
+                           1 if quick else 10)
+        inference[label] = {"batch": batch, "image_size": size, **{f"{n}_s": round(v, 5) for n, v in fwd.items()},
+                            "inference_ratio": round(fwd["channels_last"] / fwd["default"], 3)}
+    return {"memory_format": out | {"inference": inference}}
+
+
+SECTIONS = ("search_step", "shrink", "scaling", "memory_format", "candidates")
+
+
 def candidate_timing(work: Path) -> dict:
-    """(d): one default digits search, measured shrinks and all; what deciding by measurement cost it."""
+    """(e): one default digits search, measured shrinks and all; what deciding by measurement cost it."""
     import subprocess
 
     run_dir = work / "digits_search"
@@ -179,15 +269,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that it runs, figures mean nothing")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "overhead.json"))
     args = parser.parse_args()
+    sections = args.sections.split(",")
+    if set(sections) - set(SECTIONS):
+        parser.error(f"--sections: unknown {sorted(set(sections) - set(SECTIONS))}; choose from {SECTIONS}")
+    rounds, steps = (1, 2) if args.quick else (args.rounds, args.steps)
     result = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                          "torch": torch.__version__, "python": platform.python_version()}}
-    result |= search_step_ratio(args.steps, args.rounds)
-    result |= shrink_time()
-    result |= scaling(args.steps)
-    with tempfile.TemporaryDirectory() as tmp:
-        result |= candidate_timing(Path(tmp))
+                          "torch": torch.__version__, "python": platform.python_version()}, "quick": args.quick}
+    if "search_step" in sections:
+        result |= search_step_ratio(steps, rounds)
+    if "shrink" in sections:
+        result |= shrink_time()
+    if "scaling" in sections:
+        result |= scaling(steps)
+    if "memory_format" in sections:
+        result |= memory_format_ratios(rounds, args.quick)
+    if "candidates" in sections:
+        with tempfile.TemporaryDirectory() as tmp:
+            result |= candidate_timing(Path(tmp))
     from dist_hrnas.fileio import atomic_write_json
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -14,10 +14,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, TensorDataset, default_collate
 
 from dist_hrnas.config import DataConfig
 from dist_hrnas.errors import UserError
+from dist_hrnas.models.layout import to_format
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -239,10 +240,20 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
+def collate_channels_last(batch: list) -> list:
+    """``default_collate`` with the images in ``torch.channels_last`` (``train.channels_last``): done here, in the
+    workers, every batch of every use (training, validation, BN re-calibration) arrives in the model's format,
+    and ``.to(device)`` keeps it."""
+    images, *rest = default_collate(batch)
+    return [to_format(images, torch.channels_last), *rest]  # canonical strides, also for 1-channel images
+
+
 def build_loaders(ds: Datasets, batch_size: int, num_workers: int, seed: int,
-                  rank: int = 0, world_size: int = 1,
+                  rank: int = 0, world_size: int = 1, channels_last: bool = False,
                   ) -> tuple[DataLoader, DataLoader, DistributedSampler | None]:
-    """Train and val loaders for one rank, plus the train sampler (call ``set_epoch`` on it) or None."""
+    """Train and val loaders for one rank, plus the train sampler (call ``set_epoch`` on it) or None.
+
+    ``channels_last``: image batches in ``torch.channels_last`` (:func:`collate_channels_last`)."""
     train_sampler: DistributedSampler | None = None
     val_sampler: ShardSampler | None = None
     if world_size > 1:
@@ -256,7 +267,8 @@ def build_loaders(ds: Datasets, batch_size: int, num_workers: int, seed: int,
     generator = torch.Generator().manual_seed(seed + rank)
     per_rank = len(train_sampler) if train_sampler is not None else len(ds.train)  # type: ignore[arg-type]
     common = dict(batch_size=batch_size, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                  persistent_workers=num_workers > 0, worker_init_fn=_seed_worker if num_workers > 0 else None)
+                  persistent_workers=num_workers > 0, worker_init_fn=_seed_worker if num_workers > 0 else None,
+                  collate_fn=collate_channels_last if channels_last else None)
     train = DataLoader(ds.train, shuffle=train_sampler is None, sampler=train_sampler,
                        drop_last=per_rank > batch_size, generator=generator, **common)
     val = DataLoader(ds.val, shuffle=False, sampler=val_sampler, drop_last=False,

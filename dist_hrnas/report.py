@@ -55,6 +55,7 @@ from dist_hrnas.latency import (LatencyProfile, Timer, block_input_shapes, cpu_t
 from dist_hrnas.models import (AtomicBlock, HRNet, build_model, count_macs, count_params, load_arch_file,
                                model_from_arch)
 from dist_hrnas.models.counting import macs_under
+from dist_hrnas.models.layout import memory_format, to_format
 from dist_hrnas.report_render import (format_markdown, format_text, plot_schedule, read_schedule,
                                       schedule_from_shrinks)
 
@@ -201,11 +202,12 @@ def measure_device(cfg: LatencyConfig) -> torch.device:
 def measure_blocks(model: HRNet, image_size: int, cfg: LatencyConfig, timer: Timer) -> dict[str, float]:
     """Forward seconds of every atomic block on its own, at ``latency.batch_size`` and its input shape."""
     shapes = block_input_shapes(model, image_size)
-    net = model.to(timer.device).eval()
+    fmt = memory_format(cfg.timed_channels_last)  # the format the search timed its ops in
+    net = model.to(timer.device, memory_format=fmt).eval()
     out = {}
     with cpu_threads(cfg.threads):
         for name, block in net.named_blocks():
-            x = torch.randn(cfg.batch_size, *shapes[name], device=timer.device)
+            x = to_format(torch.randn(cfg.batch_size, *shapes[name], device=timer.device), fmt)
             out[name] = timer(lambda: block(x)).median_s
     return out
 

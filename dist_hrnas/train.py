@@ -30,6 +30,7 @@ from dist_hrnas.metrics import NullWriter, get_logger, make_writer
 from dist_hrnas.models import (HRNet, build_model, count_macs, count_params, export_arch, model_from_arch,
                                save_arch_file)
 from dist_hrnas.models.bn import calibrate_bn
+from dist_hrnas.models.layout import memory_format
 from dist_hrnas.names import RunFiles, Tags
 from dist_hrnas.optim import ModelEma, scaled_lr
 from dist_hrnas.parallel import comm
@@ -217,14 +218,15 @@ def setup(cfg: Config, ctx: comm.DistContext, start: Start | None = None) -> Job
     if resume:
         model.load_state_dict(resume["model"])
         set_rng_state(resume["rng"])
-    model.to(ctx.device)
+    model.to(ctx.device, memory_format=memory_format(cfg.train.channels_last))  # before the EMA copy and optimizer
     meta = resume["meta"] if resume else {
         "params": count_params(model), "macs": sum(count_macs(model, data.channels, data.image_size).values())}
     log.info(f"model: {meta['params']:,} params, {meta['macs']:,} MACs at {data.image_size}px; run dir {files.root}")
     search = start_search(cfg, ctx, model, data.image_size, files, resume, log)
     prepare_run_dir(files, cfg, ctx, resume is not None, log)
     train_loader, val_loader, sampler = build_loaders(
-        data, cfg.train.batch_size_per_rank, cfg.data.num_workers, cfg.train.seed, ctx.rank, ctx.world_size)
+        data, cfg.train.batch_size_per_rank, cfg.data.num_workers, cfg.train.seed, ctx.rank, ctx.world_size,
+        channels_last=cfg.train.channels_last)
     steps_per_epoch = len(train_loader) if not cfg.train.max_steps_per_epoch else min(
         len(train_loader), cfg.train.max_steps_per_epoch)
     state = resume_state(cfg, ctx, model, steps_per_epoch, resume)

@@ -153,6 +153,10 @@ class TrainConfig:
                                                 "penalties change the scales faster than running averages follow.")
     grad_clip_norm: float = _f(0.0, "Clip the global gradient norm to this value before each update (0 = off); "
                                     "also DeepSpeed's gradient_clipping.")
+    channels_last: bool = _f(True, "Model and every batch in torch.channels_last (NHWC) on CPU and GPU: oneDNN's "
+                                   "and cuDNN's convolutions run fastest in it (bench/overhead.py measures the "
+                                   "step in both formats). Under DeepSpeed ZeRO 1/2 the parameters live in its "
+                                   "flat NCHW buffers (the batches, hence the activations, stay channels_last).")
 
     def __post_init__(self) -> None:
         finite(self, "train")
@@ -307,10 +311,20 @@ class LatencyConfig:
                                "ONNX; CPU provider, CUDA provider on cuda devices). Needs the onnx extra.")
     lut_strict: bool = _f(False, "A latency.lut built for another device fingerprint: false = warn and measure "
                                  "this device (adding its entries), true = stop with an error.")
+    channels_last: bool | None = _f(None, "Time ops, block joins, the fixed part and whole networks in "
+                                          "torch.channels_last (true) or the default format (false); null = "
+                                          "follow train.channels_last, the format the network trains and runs in. "
+                                          "Part of the LUT fingerprint (as memory_format, when channels_last).")
     lut_device: str = _f("", "The target is another machine: use latency.lut's table measured there (its "
                              "device_name, as the profile CLI prints it; auto = the file's only table for these "
                              "settings) and time nothing here. End-to-end figures are then the LUT's supernet "
                              "measurement scaled by the latency model. Empty = measure on this machine.")
+
+    @property
+    def timed_channels_last(self) -> bool:
+        """``channels_last`` resolved; null here means a LatencyConfig built outside a Config (which resolves it
+        from train.channels_last): train.channels_last's default then."""
+        return TrainConfig.channels_last if self.channels_last is None else self.channels_last
 
     def __post_init__(self) -> None:
         finite(self, "latency")
@@ -399,6 +413,8 @@ class Config:
             raise ConfigError(f"data.image_size: {self.data.image_size} px is below {self.model.min_image_size} px, "
                               f"the smallest input this model (input_stride {self.model.input_stride}, "
                               f"{max(s[0] for s in self.model.stages)} resolutions) can downsample")
+        if self.latency.channels_last is None:  # null: time in the format the network trains in
+            self.latency.channels_last = self.train.channels_last
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

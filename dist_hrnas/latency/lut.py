@@ -12,7 +12,8 @@ Whole networks (the supernet, the calibration's sampled sub-networks) are ops to
 carries its own calibration.
 
 A fingerprint says what the numbers are valid for (device name, backend, torch version, dtype, threads,
-batch size); one file may hold tables of several devices, and writing one never drops another's entries.
+batch size, ``memory_format: channels_last`` when ops are timed in that format); one file may hold tables of
+several devices, and writing one never drops another's entries.
 """
 from __future__ import annotations
 
@@ -65,6 +66,8 @@ def fingerprint(cfg: LatencyConfig, device: torch.device) -> dict:
     """Everything that changes an op's measured seconds apart from the op itself."""
     fp = {**fingerprint_settings(cfg), "device_type": device.type, "device_name": device_name(device),
           "torch": torch.__version__.split("+")[0]}
+    if cfg.backend == "torch" and cfg.timed_channels_last:  # absent = the default format (LUTs from before it)
+        fp["memory_format"] = "channels_last"
     if cfg.backend == "onnxruntime":
         import onnxruntime  # only reached when the backend is selected (an optional dependency)
         fp["onnxruntime"] = onnxruntime.__version__

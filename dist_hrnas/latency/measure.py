@@ -24,6 +24,7 @@ from dist_hrnas.latency.curve import Curve, LatencyProfile, branch_key, curve_va
 from dist_hrnas.latency.lut import LatencyTable
 from dist_hrnas.models import AtomicBlock, HRNet, export_arch, model_from_arch
 from dist_hrnas.models.blocks import KernelBranch
+from dist_hrnas.models.layout import memory_format, to_format
 from dist_hrnas.models.probe import probe_forward
 from dist_hrnas.latency.timing import Timed, Timer, cpu_threads, make_timer
 
@@ -84,7 +85,9 @@ def runner(module: nn.Module, x: torch.Tensor, cfg: LatencyConfig, device: torch
     if cfg.backend == "onnxruntime":
         from dist_hrnas.latency.onnx_backend import onnx_callable  # optional dependency, imported only when chosen
         return onnx_callable(module, x, cfg.threads, device)
-    module = module.to(device).eval()
+    # the format the network runs in (latency.channels_last): the one place ops, joins and networks get it
+    fmt = memory_format(cfg.timed_channels_last)
+    module, x = module.to(device, memory_format=fmt).eval(), to_format(x, fmt)
     return lambda: module(x)
 
 

@@ -8,6 +8,13 @@ of the flat partitions at lr = weight_decay = 0 creates the partitioned state (p
 then every parameter's full state is scattered into it with ``safe_set_full_optimizer_state``. ZeRO keeps one scalar
 (Adam's ``step``) per flat partition, i.e. per param group, restored from the carried parameters.
 
+Memory format (``train.channels_last``): DeepSpeed 0.19 broadcasts every parameter as ``p.data.view(uint8)``, which
+fails on a channels_last tensor (its last stride is not 1), and ZeRO 1/2 copy the parameters into flat buffers
+and re-point them at contiguous (NCHW) views of those. So DeepSpeed is handed the module in the default format;
+at stage 0 (no flat buffers) the parameters and their optimizer state go back to channels_last afterwards; at
+stage 1/2 they stay the flat buffers' views, and only the batches (hence the activations, which convolutions
+produce in their input's format) are channels_last.
+
 Gradient accumulation: the training loop calls ``backward`` once per micro-batch and ``step`` once. With
 ``managed_gradient_accumulation: false`` (our default) every ``engine.step()`` is the accumulation boundary,
 which is exactly that contract. If a config turns managed accumulation on, ``backward`` calls
@@ -27,6 +34,7 @@ from typing import Any, ContextManager
 import torch
 from torch import nn
 
+from dist_hrnas.models.layout import match_optimizer_state_, set_memory_format_
 from dist_hrnas.parallel import comm
 from dist_hrnas.parallel.engine import LocalEngine
 from dist_hrnas.errors import UserError
@@ -164,7 +172,7 @@ class DeepSpeedEngine(LocalEngine):
     """``deepspeed.initialize`` around the module and a torch optimizer whose existing state is kept exactly."""
 
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, ctx: comm.DistContext,
-                 ds_config: dict):
+                 ds_config: dict, channels_last: bool = False):
         import deepspeed
 
         super().__init__(module, optimizer)
@@ -173,6 +181,7 @@ class DeepSpeedEngine(LocalEngine):
         self._group_dicts = list(optimizer.param_groups)      # DeepSpeed swaps their 'params' in place
         self._groups = [list(g["params"]) for g in self._group_dicts]   # module parameters, torch's order
         carried = {p: dict(s) for p, s in optimizer.state.items() if s}
+        set_memory_format_(module, channels_last=False)        # see the module docstring
         self.engine = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config,
                                            dist_init_required=False)[0]
         managed = getattr(self.engine, "managed_gradient_accumulation", lambda: True)()
@@ -190,6 +199,9 @@ class DeepSpeedEngine(LocalEngine):
                 optimizer.state.pop(p, None)                   # ZeRO steps flat partitions, not these
             if carried:
                 self._restore(carried)
+        elif channels_last:                                    # stage 0: the torch optimizer steps the module
+            set_memory_format_(module, channels_last=True)
+            match_optimizer_state_(optimizer)
 
     # -- training --------------------------------------------------------------------------------------
     def forward_module(self, x: torch.Tensor) -> torch.Tensor:

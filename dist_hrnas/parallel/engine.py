@@ -93,4 +93,4 @@ def make_engine(cfg: Config, module: nn.Module, optimizer: torch.optim.Optimizer
     accum = cfg.train.grad_accum_steps
     ds_config = deepspeed_config(cfg.dist.deepspeed, cfg.train.batch_size_per_rank // accum, accum,
                                  cfg.train.bf16 and ctx.device.type == "cuda", clip)
-    return DeepSpeedEngine(module, optimizer, ctx, ds_config)
+    return DeepSpeedEngine(module, optimizer, ctx, ds_config, channels_last=cfg.train.channels_last)

@@ -13,6 +13,7 @@ import torch
 
 from dist_hrnas.config import Config
 from dist_hrnas.models import HRNet
+from dist_hrnas.models.layout import match_optimizer_state_
 from dist_hrnas.optim import ModelEma, build_optimizer, build_scheduler
 from dist_hrnas.parallel.comm import DistContext
 from dist_hrnas.parallel.engine import LocalEngine, make_engine
@@ -46,6 +47,7 @@ def build_state(cfg: Config, ctx: DistContext, model: HRNet, lr: float, steps_pe
     optimizer = build_optimizer(model, cfg.train, lr)
     if fill_optimizer is not None:
         fill_optimizer(optimizer)
+        match_optimizer_state_(optimizer)  # a checkpoint of the other format, a shrink: state laid out like params
     scheduler = build_scheduler(optimizer, cfg.train, steps_per_epoch, last_step=step - 1)
     engine = make_engine(cfg, model, optimizer, ctx)
     return TrainState(model, optimizer, scheduler, engine, ema, lr, steps_per_epoch, step)

@@ -9,6 +9,9 @@ constant act(beta_c); the project conv maps those constants to v = W_proj[:, rem
 per output channel. Subtracting the block's total v from ``pw_bn.running_mean`` leaves the eval output
 unchanged; a block left without branches gets ``bias = pw_bn_eval(v)`` instead.
 
+Sliced parameters (and state sliced by :meth:`ParamSlice.apply`) keep the memory format of the tensor they
+are cut from, so a channels_last model stays channels_last.
+
 Surgery works in place and touches no random number generator, so every process given the same model and
 masks ends with bit-identical weights. :class:`ShrinkResult` tells, for every parameter name after
 surgery, which old parameter it came from and how it was sliced, which is what
@@ -23,6 +26,7 @@ from torch import nn
 
 from dist_hrnas.models.blocks import AtomicBlock, KernelBranch
 from dist_hrnas.models.hrnet import HRNet
+from dist_hrnas.models.layout import layout_like
 
 # Optimizer hyper-parameters that schedules change during training: carried from old group i to new group i.
 _GROUP_KEYS = ("lr", "initial_lr")
@@ -39,8 +43,8 @@ class ParamSlice:
     def apply(self, old: torch.Tensor) -> torch.Tensor:
         """Slice any tensor shaped like the old parameter (always returns a new tensor)."""
         if self.dim is None:
-            return old.detach().clone()
-        return old.detach().index_select(self.dim, self.index.to(old.device))
+            return old.detach().clone()                      # clone keeps the memory format
+        return layout_like(old.detach().index_select(self.dim, self.index.to(old.device)), old)
 
 
 @dataclass
@@ -63,7 +67,9 @@ class _Slicer:
     def param(self, old: nn.Parameter | None, dim: int, index: torch.Tensor) -> nn.Parameter | None:
         if old is None:
             return None
-        new = nn.Parameter(old.detach().index_select(dim, index.to(old.device)), requires_grad=old.requires_grad)
+        # index_select returns the default format: keep the old parameter's (channels_last stays channels_last)
+        value = layout_like(old.detach().index_select(dim, index.to(old.device)), old)
+        new = nn.Parameter(value, requires_grad=old.requires_grad)
         self.made[id(new)] = ParamSlice(self.old_name[id(old)], dim, index)
         return new
 

@@ -1,5 +1,6 @@
-"""DeepSpeed engine on 2 CPU ranks (gloo): optimizer state survives shrink + rebuild exactly at ZeRO 0/1/2,
-old engines are freed, one update per accumulated step, and the config is checked before anything starts."""
+"""DeepSpeed engine on 2 CPU ranks (gloo): optimizer state survives shrink + rebuild exactly at ZeRO 0/1/2 (in
+both memory formats), old engines are freed, one update per accumulated step, and the config is checked before
+anything starts."""
 from __future__ import annotations
 
 import contextlib
@@ -23,29 +24,34 @@ SMALL = [*TINY_MODEL, "train.optimizer=adamw", "train.lr=0.01", "train.weight_de
 LR = 0.01
 
 
-def _setup(*overrides: str):
+def _setup(*overrides: str, channels_last: bool = False):
     from dist_hrnas.config import load_config
     from dist_hrnas.models import build_model
+    from dist_hrnas.models.layout import set_memory_format_
 
     cfg = load_config(CONFIGS / "digits.yaml", [*SMALL, *overrides])
     torch.manual_seed(0)
-    return cfg, build_model(cfg.model)
+    return cfg, set_memory_format_(build_model(cfg.model), channels_last)
 
 
-def _engine(model, optimizer, rank: int, stage: int, accum: int = 1, **extra) -> DeepSpeedEngine:
+def _engine(model, optimizer, rank: int, stage: int, accum: int = 1, channels_last: bool = False,
+            **extra) -> DeepSpeedEngine:
     from dist_hrnas.parallel.comm import DistContext
 
     ctx = DistContext(rank=rank, world_size=2, backend="gloo")
     return DeepSpeedEngine(model, optimizer, ctx, deepspeed_config({"zero_stage": stage, **extra}, 4 // accum,
-                                                                   accum, False))
+                                                                   accum, False), channels_last=channels_last)
 
 
-def _train(engine, rank: int, steps: int, accum: int = 1) -> None:
+def _train(engine, rank: int, steps: int, accum: int = 1, channels_last: bool = False) -> None:
     import torch.nn.functional as F
+
+    from dist_hrnas.models.layout import memory_format, to_format
 
     gen = torch.Generator().manual_seed(10 + rank)             # each rank its own data
     for _ in range(steps):
         x, y = torch.randn(4, 1, 16, 16, generator=gen), torch.randint(0, 10, (4,), generator=gen)
+        x = to_format(x, memory_format(channels_last))          # as the loaders yield batches
         for xc, yc in zip(x.chunk(accum), y.chunk(accum)):
             engine.backward(F.cross_entropy(engine(xc), yc) / accum)
         engine.step()
@@ -70,7 +76,19 @@ def _release(engine) -> None:
     gc.collect()
 
 
-def _shrink_rank(rank: int) -> dict:
+def _layouts(engine, model, channels_last: bool) -> list[str]:
+    """4-D parameters not in the format the engine keeps them in (channels_last at stage 0 when asked; ZeRO 1/2:
+    its flat buffers' default format), and optimizer state laid out unlike its parameter."""
+    from dist_hrnas.models.layout import in_format
+
+    fmt = torch.channels_last if channels_last and not engine.partitioned else torch.contiguous_format
+    view = engine.optimizer_view()
+    wrong = [name for name, p in model.named_parameters() if not in_format(p, fmt)]
+    return wrong + [f"{name}.{key}" for name, p in model.named_parameters() for key, v in view.state.get(p, {}).items()
+                    if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride()]
+
+
+def _shrink_rank(rank: int, channels_last: bool) -> dict:
     from deepspeed.utils import safe_get_full_optimizer_state
 
     from dist_hrnas.optim import build_optimizer
@@ -78,9 +96,9 @@ def _shrink_rank(rank: int) -> dict:
 
     out = {}
     for stage in (0, 1, 2):
-        cfg, model = _setup()
-        engine = _engine(model, build_optimizer(model, cfg.train, LR), rank, stage)
-        _train(engine, rank, 3)
+        cfg, model = _setup(channels_last=channels_last)
+        engine = _engine(model, build_optimizer(model, cfg.train, LR), rank, stage, channels_last=channels_last)
+        _train(engine, rank, 3, channels_last=channels_last)
         view = engine.optimizer_view()
         old_state, old_params = _state(view, model), dict(model.named_parameters())
         old_shapes = {name: p.shape for name, p in old_params.items()}
@@ -92,7 +110,8 @@ def _shrink_rank(rank: int) -> dict:
         freed = old_engine() is None                            # nothing (module hooks!) keeps it alive
         del view, old_params
         before = [p.detach().clone() for p in model.parameters()]
-        engine = _engine(model, new_opt, rank, stage)
+        engine = _engine(model, new_opt, rank, stage, channels_last=channels_last)
+        layouts = _layouts(engine, model, channels_last)
         unchanged = all(torch.equal(a, p.detach()) for a, p in zip(before, model.parameters()))
         new_state = _state(engine.optimizer_view(), model)
         mismatches, compared = [], 0
@@ -108,9 +127,10 @@ def _shrink_rank(rank: int) -> dict:
                 compared += 1
                 if not torch.equal(torch.as_tensor(got), torch.as_tensor(want)):
                     mismatches.append(f"{name}.{key}")
-        _train(engine, rank, 1)
+        _train(engine, rank, 1, channels_last=channels_last)
         steps = sorted({float(s["step"]) for s in _state(engine.optimizer_view(), model).values()})
-        out[stage] = {"freed": freed, "unchanged": unchanged, "mismatches": mismatches, "compared": compared, "steps": steps,
+        out[stage] = {"layouts": layouts,
+                      "freed": freed, "unchanged": unchanged, "mismatches": mismatches, "compared": compared, "steps": steps,
                       "hash": _hash(model), "params": [p.detach().clone() for p in model.parameters()],
                       "shrunk": any(where.dim is not None for where in result.params.values())}
         _release(engine)
@@ -118,11 +138,15 @@ def _shrink_rank(rank: int) -> dict:
 
 
 @pytest.mark.slow
-def test_optimizer_state_survives_shrink_and_rebuild_exactly_at_every_zero_stage():
-    (s0, r0), (s1, r1) = run_ranks(_shrink_rank)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["default_format", "channels_last"])
+def test_optimizer_state_survives_shrink_and_rebuild_exactly_at_every_zero_stage(channels_last):
+    """DeepSpeed 0.19 cannot broadcast channels_last parameters and ZeRO 1/2 re-point them at its flat NCHW
+    buffers: the engine hands DeepSpeed the default format and takes channels_last back at stage 0 only."""
+    (s0, r0), (s1, r1) = run_ranks(_shrink_rank, channels_last)
     assert s0 == s1 == "ok", (r0, r1)
     for stage in (0, 1, 2):
         a, b = r0[stage], r1[stage]
+        assert a["layouts"] == b["layouts"] == [], f"stage {stage}: parameters or state in the wrong format"
         assert a["shrunk"] and a["compared"] > 50
         assert a["freed"] and b["freed"], f"stage {stage}: the old DeepSpeed engine outlived its release"
         assert a["unchanged"] and b["unchanged"], f"stage {stage}: state initialisation moved the weights"
@@ -142,15 +166,18 @@ def _trajectories(rank: int) -> dict:
     # Accumulation changes the order gradients are summed in (ZeRO-2 reduces every micro-batch), and Adam
     # turns rounding noise on near-zero gradients into full-size steps: compare accumulation with SGD.
     for name, stage, accum in [("ddp", None, 1), ("ddp_accum2", None, 2), ("zero0", 0, 1), ("zero1", 1, 1),
-                               ("zero2", 2, 1), ("zero2_accum2", 2, 2), ("zero1_accum2", 1, 2)]:
-        cfg, model = _setup(*(["train.optimizer=sgd"] if accum > 1 else []))
+                               ("zero2", 2, 1), ("zero2_accum2", 2, 2), ("zero1_accum2", 1, 2),
+                               ("ddp_channels_last", None, 1), ("zero0_channels_last", 0, 1),
+                               ("zero2_channels_last", 2, 1)]:
+        channels_last = name.endswith("channels_last")
+        cfg, model = _setup(*(["train.optimizer=sgd"] if accum > 1 else []), channels_last=channels_last)
         optimizer = build_optimizer(model, cfg.train, LR)
         engine = DDPEngine(model, optimizer, torch.device("cpu")) if stage is None else \
-            _engine(model, optimizer, rank, stage, accum)
+            _engine(model, optimizer, rank, stage, accum, channels_last=channels_last)
         if stage is None and accum > 1:                           # what the training loop does with DDP
             _train_no_sync(engine, rank, 3, accum)
         else:
-            _train(engine, rank, 3, accum)
+            _train(engine, rank, 3, accum, channels_last=channels_last)
         out[name] = [p.detach().clone() for p in model.parameters()]
         _release(engine)
     return out
@@ -179,6 +206,9 @@ def test_deepspeed_trains_exactly_like_ddp_at_every_zero_stage_and_with_accumula
             torch.testing.assert_close(p, ref, rtol=1e-5, atol=1e-6, msg=name)
     for name in ("zero1_accum2", "zero2_accum2"):
         for p, ref in zip(r0[name], r0["ddp_accum2"]):
+            torch.testing.assert_close(p, ref, rtol=1e-5, atol=1e-6, msg=name)
+    for name in ("zero0_channels_last", "zero2_channels_last"):
+        for p, ref in zip(r0[name], r0["ddp_channels_last"]):
             torch.testing.assert_close(p, ref, rtol=1e-5, atol=1e-6, msg=name)
     for name in r0:
         assert all(torch.equal(a, b) for a, b in zip(r0[name], r1[name])), f"{name}: ranks diverged"
