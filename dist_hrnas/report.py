@@ -55,6 +55,7 @@ from dist_hrnas.latency import (LatencyProfile, Timer, block_input_shapes, cpu_t
 from dist_hrnas.models import (AtomicBlock, HRNet, build_model, count_macs, count_params, load_arch_file,
                                model_from_arch)
 from dist_hrnas.models.counting import macs_under
+from dist_hrnas.models.fold import fold_bn
 from dist_hrnas.report_render import (format_markdown, format_text, plot_schedule, read_schedule,
                                       schedule_from_shrinks)
 
@@ -201,7 +202,8 @@ def measure_device(cfg: LatencyConfig) -> torch.device:
 def measure_blocks(model: HRNet, image_size: int, cfg: LatencyConfig, timer: Timer) -> dict[str, float]:
     """Forward seconds of every atomic block on its own, at ``latency.batch_size`` and its input shape."""
     shapes = block_input_shapes(model, image_size)
-    net = model.to(timer.device).eval()
+    # in the form the search timed them (latency.form): BN folded, as deployed, unless eager
+    net = (fold_bn(model) if cfg.form == "deployed" else model).to(timer.device).eval()
     out = {}
     with cpu_threads(cfg.threads):
         for name, block in net.named_blocks():
