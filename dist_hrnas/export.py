@@ -93,11 +93,11 @@ def arch_difference(found: dict, expected: dict) -> str | None:
 
 
 def final_arch(files: RunFiles, cfg: Config) -> tuple[dict, Path]:
-    """The run's final architecture and its file: searched_arch.yaml, the model.arch file, or the supernet."""
-    if files.arch.is_file():
-        return load_arch_file(files.arch), files.arch
-    if cfg.model.arch:
-        return load_arch_file(cfg.model.arch), Path(cfg.model.arch)
+    """The run's final architecture and its file: searched_arch.yaml, the model.arch file, or the supernet.
+    Rebuilt and described again, so that it reads exactly as a checkpoint stores it (every model key filled in)."""
+    if files.arch.is_file() or cfg.model.arch:
+        source = files.arch if files.arch.is_file() else Path(cfg.model.arch)
+        return export_arch(model_from_arch(load_arch_file(source), source=str(source))), source
     return export_arch(build_model(cfg.model)), files.config
 
 
