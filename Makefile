@@ -1,11 +1,12 @@
 # make search: the main job on the embedded digits data.  make test: the test suite.
+# make export RUN=runs/digits: a finished run as ONNX + TorchScript, verified and timed (under RUN/export/).
 # Both create .venv and install the pinned dependencies when missing.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: search test bench venv clean
+.PHONY: search test bench venv clean export
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +21,16 @@ NPROC ?= 2
 
 search: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) -m dist_hrnas.train --config configs/digits.yaml
+
+# checked when the makefile is read, so a missing RUN stops before anything is installed
+ifneq ($(filter export,$(MAKECMDGOALS)),)
+ifeq ($(RUN),)
+$(error usage: make export RUN=runs/digits (a run directory))
+endif
+endif
+
+export: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m dist_hrnas.export $(RUN)
 
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q

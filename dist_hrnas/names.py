@@ -24,8 +24,9 @@ class RunFiles:
     CHECKPOINTS = "checkpoints"
     LAST_CHECKPOINT = "last.pt"
     PREVIOUS = "previous"
+    EXPORT = "export"  # what python -m dist_hrnas.export writes by default (see ExportFiles)
     # what a fresh run in the same directory moves under previous/ (never overwrites)
-    OUTPUTS = (CONFIG, SUMMARY, SHRINKS, ARCH, SCHEDULE_PNG, TENSORBOARD, CHECKPOINTS)
+    OUTPUTS = (CONFIG, SUMMARY, SHRINKS, ARCH, SCHEDULE_PNG, TENSORBOARD, CHECKPOINTS, EXPORT)
 
     @property
     def config(self) -> Path:
@@ -55,6 +56,10 @@ class RunFiles:
     def last_checkpoint(self) -> Path:
         return self.root / self.CHECKPOINTS / self.LAST_CHECKPOINT
 
+    @property
+    def export_dir(self) -> Path:
+        return self.root / self.EXPORT
+
     def archive(self) -> Path | None:
         """Move an earlier run's outputs into ``previous/<time>/`` so a fresh run neither appends to its
         ``shrinks.jsonl`` and TensorBoard events nor overwrites its checkpoint. Returns where they went."""
@@ -69,6 +74,29 @@ class RunFiles:
         for path in found:
             path.rename(dest / path.name)
         return dest
+
+
+@dataclass(frozen=True)
+class ExportFiles:
+    """What ``python -m dist_hrnas.export`` writes into its output directory (``RUN_DIR/export`` by default)."""
+
+    root: Path
+
+    ONNX = "model.onnx"
+    TORCHSCRIPT = "model.ts"
+    JSON = "export.json"
+
+    @property
+    def onnx(self) -> Path:
+        return self.root / self.ONNX
+
+    @property
+    def torchscript(self) -> Path:
+        return self.root / self.TORCHSCRIPT
+
+    @property
+    def json(self) -> Path:
+        return self.root / self.JSON
 
 
 class Tags:

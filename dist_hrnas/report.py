@@ -56,6 +56,7 @@ from dist_hrnas.models import (AtomicBlock, HRNet, build_model, count_macs, coun
                                model_from_arch)
 from dist_hrnas.models.counting import macs_under
 from dist_hrnas.models.layout import memory_format, to_format
+from dist_hrnas.models.fold import fold_bn
 from dist_hrnas.report_render import (format_markdown, format_text, plot_schedule, read_schedule,
                                       schedule_from_shrinks)
 
@@ -202,8 +203,9 @@ def measure_device(cfg: LatencyConfig) -> torch.device:
 def measure_blocks(model: HRNet, image_size: int, cfg: LatencyConfig, timer: Timer) -> dict[str, float]:
     """Forward seconds of every atomic block on its own, at ``latency.batch_size`` and its input shape."""
     shapes = block_input_shapes(model, image_size)
-    fmt = memory_format(cfg.timed_channels_last)  # the format the search timed its ops in
-    net = model.to(timer.device, memory_format=fmt).eval()
+    fmt = memory_format(cfg.timed_channels_last)  # the format and form the search timed its ops in:
+    # BN folded, as deployed, unless latency.form=eager
+    net = (fold_bn(model) if cfg.form == "deployed" else model).to(timer.device, memory_format=fmt).eval()
     out = {}
     with cpu_threads(cfg.threads):
         for name, block in net.named_blocks():

@@ -71,6 +71,10 @@ def fingerprint(cfg: LatencyConfig, device: torch.device) -> dict:
     if cfg.backend == "onnxruntime":
         import onnxruntime  # only reached when the backend is selected (an optional dependency)
         fp["onnxruntime"] = onnxruntime.__version__
+    if cfg.form != "eager":
+        # BN folded or not changes every op's seconds. Absent = eager, which is what tables written before
+        # latency.form existed hold, so they stay valid for latency.form=eager.
+        fp["form"] = cfg.form
     return fp
 
 

@@ -25,6 +25,7 @@ from dist_hrnas.latency.lut import LatencyTable
 from dist_hrnas.models import AtomicBlock, HRNet, export_arch, model_from_arch
 from dist_hrnas.models.blocks import KernelBranch
 from dist_hrnas.models.layout import memory_format, to_format
+from dist_hrnas.models.fold import fold_bn
 from dist_hrnas.models.probe import probe_forward
 from dist_hrnas.latency.timing import Timed, Timer, cpu_threads, make_timer
 
@@ -82,6 +83,8 @@ def op_at_width(block: AtomicBlock, kernel: int, width: int) -> KernelBranch:
 
 
 def runner(module: nn.Module, x: torch.Tensor, cfg: LatencyConfig, device: torch.device) -> Callable[[], object]:
+    if cfg.form == "deployed":  # time what is deployed: every BN folded into its conv, as the export writes it
+        module = fold_bn(module)
     if cfg.backend == "onnxruntime":
         from dist_hrnas.latency.onnx_backend import onnx_callable  # optional dependency, imported only when chosen
         return onnx_callable(module, x, cfg.threads, device)
@@ -113,11 +116,12 @@ def measure_branches(model: HRNet, image_size: int, cfg: LatencyConfig, timer: T
 
 
 class BlockJoin(nn.Module):
-    """What an atomic block does around its ``n`` branches: sum their outputs, the output BN, add the skip."""
+    """What an atomic block does around its ``n`` branches: sum their outputs, the output BN, add the skip.
+    ``folded``: no BN, as deployed (:mod:`dist_hrnas.models.fold` puts it into the branches' project convs)."""
 
-    def __init__(self, channels: int, n: int):
+    def __init__(self, channels: int, n: int, folded: bool = False):
         super().__init__()
-        self.bn, self.n = nn.BatchNorm2d(channels), n
+        self.bn, self.n = nn.Identity() if folded else nn.BatchNorm2d(channels), n
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         out = y
@@ -149,7 +153,8 @@ def measure_joins(model: HRNet, image_size: int, cfg: LatencyConfig, timer: Time
                 sig = f"join_c{c}_{h}x{w}_n{n}"
                 if table.get(sig) is None:
                     x = torch.randn(cfg.batch_size, c, h, w, device=timer.device)
-                    timing = timer(Timed(runner(BlockJoin(c, n), x, cfg, timer.device), "join"))
+                    join = BlockJoin(c, n, folded=cfg.form == "deployed")
+                    timing = timer(Timed(runner(join, x, cfg, timer.device), "join"))
                     table.put(sig, timing.median_s, timing.spread_s)
                 joins.append(table.get(sig)["median_s"])
             if joins:

@@ -36,16 +36,28 @@ def providers(device: torch.device) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+OPSET = 17
+
+
+def export_onnx(module: nn.Module, example: torch.Tensor, f: str | io.BytesIO, dynamic_batch: bool = False) -> None:
+    """Write ``module`` (eval mode, on the CPU) as ONNX to ``f``: input ``x``, output ``y``, opset :data:`OPSET`.
+
+    One exporter for the latency backend and for ``python -m dist_hrnas.export``, so the graph a search times is
+    the graph a user deploys (``dynamic_batch``: any batch size, as deployed; the timed graphs fix it)."""
+    module = module.cpu().eval()
+    axes = {"x": {0: "batch"}, "y": {0: "batch"}} if dynamic_batch else None
+    with warnings.catch_warnings(), torch.no_grad():
+        # The TorchScript-based exporter needs only ``onnx``; the dynamo one would pull in onnxscript.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (example.cpu(),), f, dynamo=False, input_names=["x"], output_names=["y"],
+                          opset_version=OPSET, dynamic_axes=axes)
+
+
 def onnx_callable(module: nn.Module, example: torch.Tensor, threads: int, device: torch.device) -> Callable[[], object]:
     """Export ``module`` (eval mode) with ``example``'s shape; return a zero-argument call running it in onnxruntime."""
     ort = _onnxruntime()
     buf = io.BytesIO()
-    module = module.cpu().eval()
-    with warnings.catch_warnings(), torch.no_grad():
-        # The TorchScript-based exporter needs only ``onnx``; the dynamo one would pull in onnxscript.
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, (example.cpu(),), buf, dynamo=False, input_names=["x"], output_names=["y"],
-                          opset_version=17)
+    export_onnx(module, example, buf)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads  # latency.threads, as for the torch backend
     options.inter_op_num_threads = 1
