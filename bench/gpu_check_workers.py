@@ -24,7 +24,8 @@ from dist_hrnas.models import build_model, count_params, export_arch, model_from
 from dist_hrnas.parallel import comm
 from dist_hrnas.parallel.rewrap import TrainState, build_state, rewrap
 from dist_hrnas.search import Search
-from dist_hrnas.search.shrink import broadcast_masks, check_same_on_all_ranks
+from dist_hrnas.search.masks import broadcast_masks
+from dist_hrnas.search.shrink import check_same_on_all_ranks
 from dist_hrnas.search.surgery import carry_optimizer_state, shrink_model
 from dist_hrnas.train import train_one_epoch
 

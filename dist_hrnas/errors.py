@@ -37,7 +37,10 @@ def exits_cleanly_on_user_error(main: F) -> F:
         try:
             return main(*args, **kwargs)
         except UserError as err:
-            print(f"error: {err}", file=sys.stderr)
+            # one write of the whole line: under torchrun every rank prints to the same pipe, and a line written
+            # in pieces (text, then newline) interleaves with another rank's
+            sys.stderr.write(f"error: {err}\n")
+            sys.stderr.flush()
             raise SystemExit(EXIT_USAGE) from None
 
     return wrapper  # type: ignore[return-value]

@@ -134,5 +134,5 @@ def test_latency_format_follows_train_unless_set_and_is_in_the_lut_fingerprint()
     assert "memory_format" not in fingerprint(LatencyConfig(channels_last=False), cpu)  # as LUTs from before
     conv = torch.nn.Conv2d(4, 8, 3)
     for channels_last, fmt in ((True, torch.channels_last), (False, torch.contiguous_format)):
-        run = runner(conv, torch.randn(2, 4, 8, 8), LatencyConfig(channels_last=channels_last), cpu)
+        run = runner(conv, torch.randn(2, 4, 8, 8), LatencyConfig(channels_last=channels_last, form="eager"), cpu)
         assert in_format(conv.weight, fmt) and format_of(run()) == fmt

@@ -57,24 +57,25 @@ def device_name(device: torch.device) -> str:
 
 def fingerprint_settings(cfg: LatencyConfig) -> dict:
     """The fingerprint without its machine keys (:data:`MACHINE_KEYS`): what a remote table must match."""
-    return {"device_type": "cuda" if cfg.device.startswith("cuda") else "cpu", "backend": cfg.backend,
-            "dtype": "float32", "threads": cfg.threads, "batch_size": cfg.batch_size,
-            "flush_cache_mb": cfg.flush_cache_mb}
+    fp = {"device_type": "cuda" if cfg.device.startswith("cuda") else "cpu", "backend": cfg.backend,
+          "dtype": "float32", "threads": cfg.threads, "batch_size": cfg.batch_size,
+          "flush_cache_mb": cfg.flush_cache_mb}
+    if cfg.backend == "torch" and cfg.timed_channels_last:  # absent = the default format (LUTs from before it)
+        fp["memory_format"] = "channels_last"
+    if cfg.form != "eager":
+        # BN folded or not changes every op's seconds. Absent = eager, which is what tables written before
+        # latency.form existed hold, so they stay valid for latency.form=eager.
+        fp["form"] = cfg.form
+    return fp
 
 
 def fingerprint(cfg: LatencyConfig, device: torch.device) -> dict:
     """Everything that changes an op's measured seconds apart from the op itself."""
     fp = {**fingerprint_settings(cfg), "device_type": device.type, "device_name": device_name(device),
           "torch": torch.__version__.split("+")[0]}
-    if cfg.backend == "torch" and cfg.timed_channels_last:  # absent = the default format (LUTs from before it)
-        fp["memory_format"] = "channels_last"
     if cfg.backend == "onnxruntime":
         import onnxruntime  # only reached when the backend is selected (an optional dependency)
         fp["onnxruntime"] = onnxruntime.__version__
-    if cfg.form != "eager":
-        # BN folded or not changes every op's seconds. Absent = eager, which is what tables written before
-        # latency.form existed hold, so they stay valid for latency.form=eager.
-        fp["form"] = cfg.form
     return fp
 
 
