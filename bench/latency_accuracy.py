@@ -154,7 +154,8 @@ def trajectory(work: Path) -> dict:
         run_dir = work / name
         if not (run_dir / "summary.json").exists():
             cmd = [sys.executable, "-m", "dist_hrnas.train", "--config", str(ROOT / "configs" / "digits.yaml"),
-                   *extra, "log.progress=false", "checkpoint.resume=never", f"log.run_dir={run_dir}"]
+                   *extra, "log.progress=false", "checkpoint.resume=never", f"log.run_dir={run_dir}",
+                   f"latency.lut={work / 'lut.json'}"]  # one LUT: ops and calibration networks timed once
             subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True, env=env)
         retimed = retimed_run(run_dir)
         summary = json.loads((run_dir / "summary.json").read_text())
