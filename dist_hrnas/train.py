@@ -291,7 +291,7 @@ def evaluate_and_shrink(job: Job, epoch: int, last: bool) -> tuple[float, float,
     rec, model = job.search.shrinks[-1], job.state.model
     job.log.info(f"shrink {len(job.search.shrinks)}: -{rec['channels_removed']} channels, predicted "
                  f"{rec['latency_ms_predicted_after']:.3f} ms, measured {rec['latency_ms_measured_after']:.3f} ms")
-    job.writer.text(Tags.ARCHITECTURE, architecture_markdown(model), job.state.step)
+    board.log_architecture(job.writer, model, job.state.step)
     comm.on_rank0(lambda: save_arch_file(export_arch(model), job.files.arch), f"writing {job.files.arch}")
     if last:  # report the accuracy of the network the search hands over
         top1, loss = validate(job, epoch)
@@ -374,15 +374,6 @@ def run(cfg: Config, ctx: comm.DistContext) -> dict:
         state = job.state
         top1, val_loss = evaluate(state.ema.module if state.ema else state.model, job.val_loader, ctx.device)
     return write_summary(job, top1, val_loss, time.perf_counter() - started)
-
-
-def architecture_markdown(model: HRNet) -> str:
-    """The network as it stands, one table row per atomic block (TensorBoard's Text tab renders it)."""
-    rows = ["| block | kernels | widths |", "|---|---|---|"]
-    for name, block in model.named_blocks():
-        kernels = ", ".join(map(str, block.kernel_sizes)) or "(shortcut only)"
-        rows.append(f"| {name} | {kernels} | {', '.join(map(str, block.widths))} |")
-    return "\n".join(rows)
 
 
 @exits_cleanly_on_user_error

@@ -1,9 +1,12 @@
-"""Range checks the config sections run in ``__post_init__``: each raises one :class:`ConfigError` line that
-names the key, the allowed range and the value."""
+"""Range checks the config sections run in ``__post_init__`` (each raises one :class:`ConfigError` line that
+names the key, the allowed range and the value), and ``documented``, the field every section's keys are made with."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
+from dataclasses import field
+from typing import Any
 
 from dist_hrnas.errors import ConfigError
 
@@ -47,3 +50,10 @@ def finite(section: object, name: str) -> None:
         for v in values:
             if isinstance(v, float) and not math.isfinite(v):
                 raise ConfigError(f"{name}.{f.name}: must be a finite number, got {value}")
+
+
+def documented(default: Any, doc: str) -> Any:
+    """A dataclass field with a default (copied when mutable) and its documentation."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})

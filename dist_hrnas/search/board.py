@@ -71,3 +71,12 @@ def log_shrink(writer: NullWriter, record: dict, shrinks: int, budget_active: bo
     writer.scalar(Tags.LATENCY_MEASURED, record["latency_ms_measured_after"], step)
     writer.scalar(Tags.LATENCY_PREDICTED_NET, record["latency_ms_predicted_after"], step)
     writer.scalar(Tags.LATENCY_ERROR_PCT, record["latency_error_pct_after"], step)
+
+
+def log_architecture(writer: NullWriter, model: HRNet, step: int) -> None:
+    """The network as it stands, one table row per atomic block (TensorBoard's Text tab renders it)."""
+    rows = ["| block | kernels | widths |", "|---|---|---|"]
+    for name, block in model.named_blocks():
+        kernels = ", ".join(map(str, block.kernel_sizes)) or "(shortcut only)"
+        rows.append(f"| {name} | {kernels} | {', '.join(map(str, block.widths))} |")
+    writer.text(Tags.ARCHITECTURE, "\n".join(rows), step)
