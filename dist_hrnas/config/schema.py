@@ -204,6 +204,10 @@ class PruneConfig:
                                   "expansion_only_skip_expand1).")
     bn_calibration_steps: int = _f(10, "Training batches used to re-estimate BN statistics after a shrink "
                                        "(0 = keep the folded statistics).")
+    measure_before_cut: bool = _f(True, "Time every shrink's candidate end to end against the network now, in "
+                                        "the same rounds, before any rank cuts (refused or re-fitted when not "
+                                        "faster); false = the calibrated latency model decides (no candidate "
+                                        "is timed: cheaper, less exact). Always false with latency.lut_device.")
     round_to: int | str = _f("auto", "Keep every shrinking branch's surviving width a multiple of N (the channels "
                                      "with the largest |scale| survive; a branch may still go to 0); 1 = off; auto = "
                                      "each branch's own channel grid, read from its latency curve on the target "

@@ -131,9 +131,9 @@ class Search:
         """Which channels this shrink takes (rank 0's decision, the same on every rank) and whether it is due.
 
         When the target is this machine the candidate is measured before any rank cuts (:mod:`search.decide`);
-        with ``latency.lut_device`` the calibrated latency model decides.
+        with ``latency.lut_device`` or ``prune.measure_before_cut=false`` the calibrated latency model decides.
         """
-        if self.cfg.latency.lut_device:
+        if self.cfg.latency.lut_device or not self.cfg.prune.measure_before_cut:
             return decide_by_model(self, model, masks, epoch, last_epoch)
         return decide_by_measurement(self, model, masks, epoch, last_epoch)
 
