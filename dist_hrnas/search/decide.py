@@ -32,6 +32,10 @@ REFUSED_MEASURED_SLOWER = 4  # measured: not faster (nor re-fitted); nothing is 
 # A candidate must measure at least this much faster than the network now, in the same rounds, to be taken:
 # the rounds of one figure agree within latency.network_spread, their fastest within about 1 % here.
 MIN_GAIN = 0.01
+# The rounds stop after the first when the candidate is this many latency.network_spread beyond that gain (or
+# slower by as much): a slow spell on one side of one round would have to exceed it to flip the decision, and
+# most shrinks of a search gain 10-30 %, so their candidate costs one round instead of three or more.
+CLEAR_SPREADS = 2.0
 
 
 @dataclass
@@ -84,8 +88,14 @@ def _confirm(search: "Search", model: HRNet, masks: Masks, epoch: int, last_epoc
     if dead_channels(whole) > 0 and not flatten_masks(model, whole).equal(flatten_masks(model, masks)):
         candidates.append(whole)
     now_arch = export_arch(model)
+    margin = CLEAR_SPREADS * search.cfg.latency.network_spread
+
+    def decided(fastest: list[float]) -> bool:
+        now_s, after_s = fastest
+        return after_s < now_s * (1.0 - MIN_GAIN) * (1.0 - margin) or after_s > now_s * (1.0 + margin)
+
     for i, candidate in enumerate(candidates):
-        (now_s, _), (after_s, _) = search.compare_on_rank0([now_arch, arch_after_masks(model, candidate)])
+        (now_s, _), (after_s, _) = search.compare_on_rank0([now_arch, arch_after_masks(model, candidate)], decided)
         if after_s < now_s * (1.0 - MIN_GAIN):
             probe = (search.profile.parts(shrunk_view(model, candidate)), after_s)
             return Decision(candidate, True, [REFITTED_WHOLE_BRANCHES] if i else [], after_s, now_s, [probe])

@@ -80,6 +80,18 @@ def test_rounds_that_disagree_are_taken_again():
     assert out == [(2.0, 0.0), (1.0, 0.0)] and calls == ["a", "b", "b", "a", "a", "b"]  # alternating who goes first
 
 
+def test_a_clear_comparison_ends_the_rounds_early_and_a_close_one_does_not():
+    cfg = load_config(CONFIGS / "digits.yaml", ["latency.network_spread=0.05"]).latency
+    clear = []
+    out = interleaved([lambda: clear.append("now") or 2.0, lambda: clear.append("cand") or 1.0], cfg,
+                      decided=lambda fastest: fastest[1] < 0.8 * fastest[0])
+    assert out == [(2.0, 0.0), (1.0, 0.0)] and clear == ["now", "cand"]          # one round was enough
+    figures = iter([1.0, 0.97, 0.99, 0.98, 1.0, 0.97])                           # 3 % apart: every round is taken
+    close = interleaved([lambda: next(figures), lambda: next(figures)], cfg,
+                        decided=lambda fastest: fastest[1] < 0.8 * fastest[0])
+    assert close == [(0.98, pytest.approx(0.02 / 0.98)), (0.97, pytest.approx(0.02 / 0.97))]
+
+
 @pytest.mark.parametrize("curve, grid", [
     ([[8, 1.0], [16, 1.0], [24, 2.0], [32, 2.0], [40, 3.0], [48, 3.0]], 16),            # steps every 16 channels
     ([[8, 1.0], [16, 2.0], [24, 3.0], [32, 4.0], [40, 5.0], [48, 6.0]], 8),             # linear: the sample step
@@ -107,7 +119,7 @@ class Device:
     def __call__(self, model) -> float:
         return self.cost(model)
 
-    def compare(self, models):
+    def compare(self, models, decided=None):  # exact figures: one round decides as well as three
         return [(self.cost(m), 0.0) for m in models]
 
 
