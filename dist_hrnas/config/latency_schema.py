@@ -29,7 +29,10 @@ class LatencyConfig:
                                   "is met, and interference only ever slows a round down).")
     cost: str = _f("average", "Per-channel cost of a branch: average = seconds / width at the supernet (the "
                               "seed's rule); marginal = slope of its latency-vs-width curve at the current width "
-                              "(follows the hardware's staircase, refreshed after every shrink).")
+                              "(follows the hardware's staircase, refreshed after every shrink); "
+                              "fixed_plus_marginal = the slope per channel plus a group term on each branch's "
+                              "scales (the L2 norm) weighted by its fixed seconds, which only go with its last "
+                              "channel (launch-bound networks, batch 1), and likewise each block's join.")
     width_step: int = _f(8, "Each branch's latency curve (prediction, marginal cost) is sampled every width_step "
                             "channels (coarser for wide branches, see max_samples), always including the "
                             "current width and one step below.")
@@ -83,7 +86,7 @@ class LatencyConfig:
         positive("latency", "warmup", self.warmup, allow_zero=True)
         positive("latency", "repeats", self.repeats)
         positive("latency", "network_repeats", self.network_repeats)
-        choice("latency", "cost", self.cost, ("average", "marginal"))
+        choice("latency", "cost", self.cost, ("average", "marginal", "fixed_plus_marginal"))
         choice("latency", "backend", self.backend, ("torch", "onnxruntime"))
         positive("latency", "width_step", self.width_step)
         choice("latency", "form", self.form, ("deployed", "eager"))

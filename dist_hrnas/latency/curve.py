@@ -83,6 +83,18 @@ def marginal_s(curve: Curve, width: int) -> float:
     return max(slope, MIN_MARGINAL_FRACTION * average)
 
 
+def launch_s(curve: Curve) -> float:
+    """What a branch costs before its first channel: its narrowest sample less that many channels at the slope
+    of its narrowest segment (the dispatch and setup of its ops), within [0, the narrowest sample]. It goes
+    only with the branch's last channel, so no per-channel cost (average or slope) can trade it
+    (``latency.cost: fixed_plus_marginal``). The narrowest segment, not a line through every sample: the
+    curve is a staircase, and a line through it would lean on the wide steps."""
+    if len(curve) < 2:
+        return 0.0  # one sample cannot split fixed from per-channel seconds
+    (w1, s1), (w2, s2) = curve[0], curve[1]
+    return min(max(0.0, s1 - w1 * (s2 - s1) / (w2 - w1)), s1)
+
+
 # A branch's cost is on a grid of g channels when, inside its groups of g, most of the group's rise is already
 # paid at the widths in between (a staircase); on a linear curve half of it would be left.
 GRID_RISE_LEFT = 0.25
@@ -120,7 +132,7 @@ class LatencyProfile:
     branch_s: dict[str, float]                         # per branch key, at ``branch_width``
     branch_width: dict[str, int]
     curves: dict[str, Curve] | None = None             # None: one sample per branch (its measured width)
-    cost: str = "average"                              # latency.cost: marginal or average
+    cost: str = "average"                              # latency.cost: average, marginal or fixed_plus_marginal
     # Stem, shortcuts, fuse sums/upsampling, head conv, classifier: measured on its own (the network with
     # every branch removed) when given, else what the branches leave of the end-to-end time.
     fixed_s: float | None = None
@@ -149,9 +161,21 @@ class LatencyProfile:
         width = self.branch_width[key] if width is None else width
         if width <= 0:
             return 0.0
-        if self.cost == "marginal":
+        if self.cost in ("marginal", "fixed_plus_marginal"):
             return marginal_s(self.curves[key], width) * self.scale(key)
         return self.curve_s(key, width) / width * self.scale(key)
+
+    def launch_s(self, key: str) -> float:
+        """A branch's fixed seconds (:func:`launch_s`, calibrated): what only removing the whole branch saves."""
+        return launch_s(self.curves[key]) * self.scale(key)
+
+    def join_launch_s(self, block: str) -> float:
+        """Seconds of joining a block's last branch (calibrated): what only emptying the block saves."""
+        joins = self.combine_s.get(block)
+        if not joins:
+            return 0.0
+        coef = self.calibration.coef.get("join", 1.0) if self._fitted else 1.0
+        return max(0.0, joins[0]) * coef
 
     def grid(self, key: str) -> int:
         """The channel group this branch's cost moves in (``prune.round_to: auto``)."""

@@ -217,30 +217,27 @@ def settled(take_round: Callable[[], float], cfg: LatencyConfig, rounds: int = N
 
 
 def interleaved(takes: list[Callable[[], float]], cfg: LatencyConfig,
-                decided: Callable[[list[float]], bool] | None = None) -> list[tuple[float, float]]:
-    """Each network's (fastest round, spread of its fastest rounds), all timed in the same rounds: every round
-    takes each network once, alternating who goes first, so a slow spell of the machine falls on all of them;
-    rounds are taken again while any network's disagree beyond ``latency.network_spread``. ``decided`` (given
-    each network's fastest round so far) ends the rounds early once the comparison it serves is clear."""
+                rounds: int = NETWORK_ROUNDS) -> list[tuple[float, float]]:
+    """Each network's (fastest round, spread of its fastest ``rounds``), all timed in the same rounds: every
+    round takes each network once, alternating who goes first, so a slow spell of the machine falls on all of
+    them; ``rounds`` more are taken (at most RETAKES times) while any network's disagree beyond
+    ``latency.network_spread``."""
     medians: list[list[float]] = [[] for _ in takes]
-    for taken in range(1, NETWORK_ROUNDS * (1 + RETAKES) + 1):
+    for taken in range(1, rounds * (1 + RETAKES) + 1):
         order = list(range(len(takes)))
         for i in order if taken % 2 else order[::-1]:
             medians[i].append(takes[i]())
-        if decided is not None and decided([min(m) for m in medians]):
+        if taken % rounds == 0 and max(spread(sorted(m)[:rounds]) for m in medians) <= cfg.network_spread:
             break
-        if taken % NETWORK_ROUNDS == 0 and max(spread(sorted(m)[:NETWORK_ROUNDS]) for m in medians) <= cfg.network_spread:
-            break
-    return [(min(m), spread(sorted(m)[:NETWORK_ROUNDS])) for m in medians]
+    return [(min(m), spread(sorted(m)[:rounds])) for m in medians]
 
 
 def compare_networks(models: list[HRNet], image_size: int, cfg: LatencyConfig, timer: Timer,
-                     network_timer: NetworkTimer | None = None,
-                     decided: Callable[[list[float]], bool] | None = None) -> list[tuple[float, float]]:
+                     network_timer: NetworkTimer | None = None, rounds: int = NETWORK_ROUNDS) -> list[tuple[float, float]]:
     """:func:`interleaved` figures of ``models``: in clean processes when ``network_timer`` can, else here."""
     if network_timer is not None and hasattr(network_timer, "compare"):
-        return network_timer.compare(models, decided)
-    return interleaved([network_round(m, image_size, cfg, timer) for m in models], cfg, decided)
+        return network_timer.compare(models, rounds)
+    return interleaved([network_round(m, image_size, cfg, timer) for m in models], cfg, rounds)
 
 
 def network_round(model: HRNet, image_size: int, cfg: LatencyConfig, timer: Timer) -> Callable[[], float]:

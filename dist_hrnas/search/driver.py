@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Callable
 from pathlib import Path
 
 import torch
@@ -138,15 +137,13 @@ class Search:
             return decide_by_model(self, model, masks, epoch, last_epoch)
         return decide_by_measurement(self, model, masks, epoch, last_epoch)
 
-    def compare_on_rank0(self, archs: list[dict], decided: Callable[[list[float]], bool] | None = None
-                         ) -> list[tuple[float, float]]:
-        """Rank 0 times ``archs`` end to end in the same rounds (fresh processes unless
-        ``latency.clean_process=false``; ``decided`` may end the rounds early); rank 0 gets each one's
-        (seconds, spread of its rounds)."""
+    def compare_on_rank0(self, archs: list[dict], rounds: int) -> list[tuple[float, float]]:
+        """Rank 0 times ``archs`` end to end in the same ``rounds`` (fresh processes unless
+        ``latency.clean_process=false``): each one's (seconds, spread of its rounds)."""
         start = time.perf_counter()
         models = [model_from_arch(a) for a in archs]
         figures = compare_networks(models, self.image_size, self.cfg.latency, self.timer or make_timer(self.cfg.latency),
-                                   self.network_timer, decided)
+                                   self.network_timer, rounds)
         self.candidate_networks_timed += len(archs)
         self.candidate_timing_s += time.perf_counter() - start
         return figures

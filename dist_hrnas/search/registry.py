@@ -4,6 +4,14 @@ Registry entries are keyed by branch (``block:k<kernel>``), which survives surge
 indices shift. Penalties follow HR-NAS's normalisation: penalty_b = c_b / (sum_b h_b c_b / sum_b h_b), so an
 average channel has penalty 1 whatever the unit of c (seconds, MACs, or 1 for ``equal``), and rho keeps
 its meaning across modes.
+
+With ``latency.cost: fixed_plus_marginal`` (and ``prune.penalty: seconds``) a branch's fixed seconds F_b (what
+goes only with its last channel) add a group term F_b / (N * sqrt(h_b)) * ||gamma_b||_2, and each block's join
+J_B (what goes only when it loses its last branch) the same over all the block's scales. N is then the network's
+prunable seconds per channel, (sum_b h_b c_b + sum_b F_b + sum_B J_B) / sum_b h_b: with every scale equal the
+whole penalty is what ``average`` charges (one per channel), so rho keeps its meaning; but the seconds that go
+only with a whole branch pull on the branch as a group (its pull grows as its scales fall together), which no
+per-channel cost can express.
 """
 from __future__ import annotations
 
@@ -31,6 +39,8 @@ class PrunableBranch:
     macs_per_channel: float
     penalty: float = 1.0
     grid: int = 1              # surviving widths are kept multiples of this (prune.round_to)
+    fixed_s: float = 0.0       # seconds only the branch's last channel takes along (fixed_plus_marginal)
+    group_penalty: float = 0.0  # weight of ||gamma||_2 (fixed_s normalised like the per-channel penalty)
 
 
 def rho_at(cfg: PruneConfig, epoch: float) -> float:
@@ -49,10 +59,15 @@ def rho_at(cfg: PruneConfig, epoch: float) -> float:
     return cfg.rho
 
 
+def cost_normaliser(costs: list[float], widths: list[int]) -> float:
+    """sum h_b c_b / sum h_b: the channel-weighted mean cost (0 when there is none)."""
+    total_width = sum(widths)
+    return sum(c * h for c, h in zip(costs, widths)) / total_width if total_width else 0.0
+
+
 def normalised_penalties(costs: list[float], widths: list[int]) -> list[float]:
     """c_b / (sum h_b c_b / sum h_b): the channel-weighted mean cost maps to 1."""
-    total_width = sum(widths)
-    normaliser = sum(c * h for c, h in zip(costs, widths)) / total_width if total_width else 0.0
+    normaliser = cost_normaliser(costs, widths)
     if normaliser <= 0:
         return [1.0 for _ in costs]
     return [c / normaliser for c in costs]
@@ -61,15 +76,18 @@ def normalised_penalties(costs: list[float], widths: list[int]) -> list[float]:
 class PruneRegistry:
     """The prunable depthwise BNs of a model with their per-channel costs and penalties."""
 
-    def __init__(self, cfg: PruneConfig, entries: list[PrunableBranch]):
+    def __init__(self, cfg: PruneConfig, entries: list[PrunableBranch], join_s: dict[str, float] | None = None):
         self.cfg = cfg
         self.entries = {e.key: e for e in entries}
+        self.join_s = dict(join_s or {})        # per block: seconds its last branch's join takes along
+        self.join_penalty: dict[str, float] = {}
         self.renormalise()
 
     @classmethod
     def build(cls, cfg: PruneConfig, model: HRNet, macs: dict[str, int], profile: LatencyProfile) -> "PruneRegistry":
         """Every branch of every block (but the first non-expanding one when ``skip_expand1``)."""
-        entries = []
+        entries, join_s = [], {}
+        launch = profile.cost == "fixed_plus_marginal"
         skipped = False
         for name, block in model.named_blocks():
             if cfg.skip_expand1 and not block.expand and not skipped:
@@ -81,8 +99,11 @@ class PruneRegistry:
                     key=key, block=name, kernel=branch.kernel, width=branch.hidden,
                     seconds_per_channel=profile.per_channel_s(key),
                     macs_per_channel=macs_under(macs, f"{name}.branches.{i}") / branch.hidden,
-                    grid=auto_grid(profile.grid(key), branch.hidden) if cfg.round_to == "auto" else int(cfg.round_to)))
-        return cls(cfg, entries)
+                    grid=auto_grid(profile.grid(key), branch.hidden) if cfg.round_to == "auto" else int(cfg.round_to),
+                    fixed_s=profile.launch_s(key) if launch else 0.0))
+            if launch:
+                join_s[name] = profile.join_launch_s(name)
+        return cls(cfg, entries, join_s)
 
     def renormalise(self) -> None:
         entries = list(self.entries.values())
@@ -92,8 +113,23 @@ class PruneRegistry:
             costs = [e.macs_per_channel for e in entries]
         else:
             costs = [1.0 for _ in entries]
-        for e, p in zip(entries, normalised_penalties(costs, [e.width for e in entries])):
-            e.penalty = p
+        widths = [e.width for e in entries]
+        grouped = self.cfg.penalty == "seconds" and (any(e.fixed_s for e in entries) or any(self.join_s.values()))
+        if not grouped:
+            for e, p in zip(entries, normalised_penalties(costs, widths)):
+                e.penalty, e.group_penalty = p, 0.0
+            self.join_penalty = {}
+            return
+        # the seconds only whole branches (and blocks) take along are spread over the channels in the normaliser
+        normaliser = cost_normaliser(costs, widths) + (sum(e.fixed_s for e in entries)
+                                                       + sum(self.join_s.values())) / max(1, sum(widths))
+        block_width: dict[str, int] = {}
+        for e, c in zip(entries, costs):
+            e.penalty = c / normaliser
+            e.group_penalty = e.fixed_s / (normaliser * math.sqrt(e.width)) if e.width else 0.0
+            block_width[e.block] = block_width.get(e.block, 0) + e.width
+        self.join_penalty = {b: s / (normaliser * math.sqrt(block_width[b])) for b, s in self.join_s.items()
+                             if block_width.get(b) and s > 0}
 
     def bns(self, model: HRNet) -> list[tuple[PrunableBranch, nn.BatchNorm2d]]:
         """(entry, depthwise BN) pairs for the model as it is now."""
@@ -106,8 +142,15 @@ class PruneRegistry:
         return out
 
     def l1_loss(self, pairs: list[tuple[PrunableBranch, nn.BatchNorm2d]]) -> torch.Tensor:
-        """sum_b penalty_b * sum |gamma_b| (multiply by rho outside)."""
+        """sum_b penalty_b * sum |gamma_b|, plus the group terms of ``fixed_plus_marginal`` (multiply by rho
+        outside)."""
         terms = [e.penalty * bn.weight.abs().sum() for e, bn in pairs]
+        terms += [e.group_penalty * bn.weight.norm() for e, bn in pairs if e.group_penalty > 0]
+        blocks: dict[str, list[torch.Tensor]] = {}
+        for e, bn in pairs:
+            if e.block in self.join_penalty:
+                blocks.setdefault(e.block, []).append(bn.weight)
+        terms += [self.join_penalty[b] * torch.cat(ws).norm() for b, ws in blocks.items()]
         return torch.stack(terms).sum() if terms else torch.zeros(())
 
     @torch.no_grad()
@@ -149,6 +192,9 @@ class PruneRegistry:
                 entry = self.entries.get(branch_key(name, branch.kernel))
                 if entry is not None:
                     total += int((~mask).sum()) * entry.seconds_per_channel
+                    total += entry.fixed_s if not bool(mask.any()) else 0.0  # the whole branch goes
+            if not any(bool(m.any()) for m in block_masks):
+                total += self.join_s.get(name, 0.0)
         return total
 
     def update_after_shrink(self, model: HRNet, profile: LatencyProfile | None = None) -> None:
@@ -167,21 +213,25 @@ class PruneRegistry:
                 if key in self.entries:
                     self.entries[key].width = branch.hidden
                     if refresh:
-                        width = branch.hidden if profile.cost == "marginal" else None
+                        width = branch.hidden if profile.cost != "average" else None
                         self.entries[key].seconds_per_channel = profile.per_channel_s(key, width)
+                        if self.entries[key].fixed_s:
+                            self.entries[key].fixed_s = profile.launch_s(key)
                     alive[key] = self.entries[key]
         self.entries = alive
+        blocks = {e.block for e in alive.values()}
+        self.join_s = {b: (profile.join_launch_s(b) if refresh else s) for b, s in self.join_s.items() if b in blocks}
         self.renormalise()
 
     def channels_alive(self, pairs: list[tuple[PrunableBranch, nn.BatchNorm2d]]) -> int:
         return sum(int((bn.weight.detach().abs() > self.cfg.threshold).sum()) for _, bn in pairs)
 
     def state_dict(self) -> dict:
-        return {"entries": [asdict(e) for e in self.entries.values()]}
+        return {"entries": [asdict(e) for e in self.entries.values()], "join_s": dict(self.join_s)}
 
     @classmethod
     def from_state_dict(cls, cfg: PruneConfig, state: dict) -> "PruneRegistry":
-        return cls(cfg, [PrunableBranch(**e) for e in state["entries"]])
+        return cls(cfg, [PrunableBranch(**e) for e in state["entries"]], state.get("join_s"))
 
 
 def auto_grid(grid: int, width: int) -> int:

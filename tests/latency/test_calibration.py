@@ -80,16 +80,14 @@ def test_rounds_that_disagree_are_taken_again():
     assert out == [(2.0, 0.0), (1.0, 0.0)] and calls == ["a", "b", "b", "a", "a", "b"]  # alternating who goes first
 
 
-def test_a_clear_comparison_ends_the_rounds_early_and_a_close_one_does_not():
+def test_candidates_are_compared_in_two_alternating_rounds_and_retaken_while_they_disagree():
     cfg = load_config(CONFIGS / "digits.yaml", ["latency.network_spread=0.05"]).latency
-    clear = []
-    out = interleaved([lambda: clear.append("now") or 2.0, lambda: clear.append("cand") or 1.0], cfg,
-                      decided=lambda fastest: fastest[1] < 0.8 * fastest[0])
-    assert out == [(2.0, 0.0), (1.0, 0.0)] and clear == ["now", "cand"]          # one round was enough
-    figures = iter([1.0, 0.97, 0.99, 0.98, 1.0, 0.97])                           # 3 % apart: every round is taken
-    close = interleaved([lambda: next(figures), lambda: next(figures)], cfg,
-                        decided=lambda fastest: fastest[1] < 0.8 * fastest[0])
-    assert close == [(0.98, pytest.approx(0.02 / 0.98)), (0.97, pytest.approx(0.02 / 0.97))]
+    calls = []
+    out = interleaved([lambda: calls.append("now") or 2.0, lambda: calls.append("cand") or 1.0], cfg, rounds=2)
+    assert out == [(2.0, 0.0), (1.0, 0.0)] and calls == ["now", "cand", "cand", "now"]  # each once first
+    figures = iter([1.3, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])  # the first child ran 30 % slow: two more rounds
+    retaken = interleaved([lambda: next(figures), lambda: next(figures)], cfg, rounds=2)
+    assert retaken == [(1.0, 0.0), (1.0, 0.0)]
 
 
 @pytest.mark.parametrize("curve, grid", [
@@ -113,14 +111,14 @@ def _search(tmp_path, *extra):
 class Device:
     """A target whose seconds follow the architecture: ``cost(widths)`` per network, compared in rounds."""
 
-    def __init__(self, cost):
-        self.cost = cost
+    def __init__(self, cost, spread: float = 0.0):
+        self.cost, self.spread = cost, spread
 
     def __call__(self, model) -> float:
         return self.cost(model)
 
-    def compare(self, models, decided=None):  # exact figures: one round decides as well as three
-        return [(self.cost(m), 0.0) for m in models]
+    def compare(self, models, rounds=3):  # the rounds of each figure disagree by ``spread``
+        return [(self.cost(m), self.spread) for m in models]
 
 
 def _widths(model) -> list[int]:
@@ -147,3 +145,34 @@ def test_a_candidate_that_measures_slower_is_refused_or_refitted_to_whole_branch
     search.network_timer = Device(lambda m: 1e-3 * (100 - len(_widths(m))))       # smaller is slower everywhere
     decision = decide_by_measurement(search, model, masks, epoch=0, last_epoch=True)
     assert not decision.due and decision.refusals == [REFUSED_MEASURED_SLOWER]
+
+
+
+@pytest.mark.parametrize("spread, taken", [(0.03, False), (0.01, True)])
+def test_a_gain_inside_the_figures_spread_is_refused(tmp_path, spread, taken):
+    from dist_hrnas.search.decide import REFUSED_MEASURED_SLOWER, decide_by_measurement
+
+    search, model = _search(tmp_path, "prune.round_to=1")
+    with torch.no_grad():
+        search.pairs[0][1].weight[:] = 0.0     # one whole branch
+    masks = search.registry.masks(model)
+    branches = len(_widths(model))
+    # 4 % faster without the branch: beyond 2 x 1 % of spread, inside 2 x 3 %
+    search.network_timer = Device(lambda m: 1e-3 if len(_widths(m)) == branches else 0.96e-3, spread)
+    decision = decide_by_measurement(search, model, masks, epoch=0, last_epoch=True)
+    assert decision.due == taken and decision.refusals == ([] if taken else [REFUSED_MEASURED_SLOWER])
+
+
+def test_before_the_last_epoch_a_gain_too_small_to_measure_is_not_timed(tmp_path):
+    from dist_hrnas.search.decide import decide_by_measurement
+
+    search, model = _search(tmp_path, "prune.round_to=1", "latency.network_spread=0.05")
+    with torch.no_grad():
+        search.pairs[0][1].weight[:2] = 0.0        # two channels of one branch: far less than 5 % of the network
+    masks = search.registry.masks(model)
+    timed = []
+    search.network_timer = Device(lambda m: timed.append(m) or 1e-3)
+    decision = decide_by_measurement(search, model, masks, epoch=0, last_epoch=False)
+    assert not decision.due and decision.refusals == [] and timed == []  # not timed: the penalty goes on
+    decision = decide_by_measurement(search, model, masks, epoch=0, last_epoch=True)
+    assert timed                                                          # the last epoch always measures

@@ -109,6 +109,29 @@ class StaircaseTimer(Timer):
         return Timing(staircase(fn.width) if fn.what == "op" else 1e-3, 0.0)
 
 
+def test_fixed_plus_marginal_splits_a_branch_into_its_launch_and_its_step():
+    cfg = small_cfg("latency.cost=fixed_plus_marginal", "latency.width_step=8", "prune.penalty=seconds")
+    model, prof, _ = profile(cfg, StaircaseTimer(torch.device("cpu"), 0, 1))
+    key = branch_key("stages.0.parallel.branches.0.0", 3)
+    assert prof.per_channel_s(key) == pytest.approx(STEPS[3] / 8)   # per channel: the step at the width, ...
+    assert prof.launch_s(key) == pytest.approx(BASE)                 # ... and what only the last channel takes
+    registry = PruneRegistry.build(cfg.prune, model, count_macs(model, 1, 16), prof)
+    entry = registry.entries[key]
+    assert entry.fixed_s == pytest.approx(BASE) and entry.group_penalty > 0
+    assert registry.join_s and all(s >= 0 for s in registry.join_s.values())
+    # the whole branch's pruned seconds include its launch; all but one channel do not
+    name, block = "stages.0.parallel.branches.0.0", dict(model.named_blocks())["stages.0.parallel.branches.0.0"]
+    keep_all = [torch.ones(b.hidden, dtype=torch.bool) for b in block.branches]
+    gone = [torch.zeros(b.hidden, dtype=torch.bool) if b.kernel == 3 else m for b, m in zip(block.branches, keep_all)]
+    one_left = [m.clone() for m in gone]
+    one_left[[b.kernel for b in block.branches].index(3)][0] = True
+    whole = registry.pruned_seconds(model, {name: gone}) - registry.pruned_seconds(model, {name: one_left})
+    assert whole == pytest.approx(entry.seconds_per_channel + BASE)
+    prof.cost = "marginal"                                           # the same curves, no group terms
+    plain = PruneRegistry.build(cfg.prune, model, count_macs(model, 1, 16), prof)
+    assert all(e.group_penalty == 0 == e.fixed_s for e in plain.entries.values()) and not plain.join_penalty
+
+
 def test_marginal_cost_is_the_step_at_the_current_width_and_follows_shrinks():
     cfg = small_cfg("latency.cost=marginal", "latency.width_step=8", "prune.penalty=seconds")
     model, prof, _ = profile(cfg, StaircaseTimer(torch.device("cpu"), 0, 1))

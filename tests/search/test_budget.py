@@ -220,7 +220,7 @@ class Device:
     def __call__(self, model) -> float:
         return self.seconds(model)
 
-    def compare(self, models, decided=None) -> list[tuple[float, float]]:
+    def compare(self, models, rounds=3) -> list[tuple[float, float]]:
         self.compared.append(len(models))
         return [(self.seconds(m), 0.0) for m in models]
 

@@ -1,6 +1,8 @@
 """Penalty normalisation, rho schedule, masks and the shrink trigger."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -87,6 +89,57 @@ def test_l1_loss_is_penalty_weighted_sum_of_abs_scales(model):
         torch.nn.init.uniform_(bn.weight, -1, 1)
     expected = sum(e.penalty * bn.weight.abs().sum().item() for e, bn in pairs)
     assert reg.l1_loss(pairs).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_the_group_term_pushes_a_branchs_scales_together_by_its_fixed_seconds(model):
+    reg = registry(model, "seconds")
+    (entry, bn), (other, _) = reg.bns(model)[:2]
+    entry.fixed_s, reg.join_s = 2e-4, {}
+    reg.renormalise()
+    entries = list(reg.entries.values())
+    channels = sum(e.width for e in entries)
+    normaliser = sum(e.width * e.seconds_per_channel for e in entries) / channels + 2e-4 / channels
+    assert entry.group_penalty == pytest.approx(2e-4 / (normaliser * math.sqrt(entry.width)))
+    assert entry.penalty == pytest.approx(entry.seconds_per_channel / normaliser)
+    assert other.group_penalty == 0.0
+    # equal scales everywhere: the whole penalty is one per channel, as without the group term (rho keeps its meaning)
+    pairs = reg.bns(model)
+    with torch.no_grad():
+        for _, b in pairs:
+            b.weight.fill_(1.0)
+    assert reg.l1_loss(pairs).item() == pytest.approx(channels, rel=1e-5)
+    gamma = torch.linspace(-1.0, 2.0, entry.width)
+    with torch.no_grad():
+        bn.weight.copy_(gamma)
+    bn.weight.grad = None
+    reg.l1_loss([(entry, bn)]).backward()
+    expected = entry.penalty * gamma.sign() + entry.group_penalty * gamma / gamma.norm()
+    assert torch.allclose(bn.weight.grad, expected, atol=1e-6)
+    # equal scales: the group term charges the fixed seconds as if spread over the channels (rho keeps its meaning)
+    with torch.no_grad():
+        bn.weight.fill_(0.5)
+    group = reg.l1_loss([(entry, bn)]) - entry.penalty * bn.weight.abs().sum()
+    assert group.item() == pytest.approx(2e-4 / normaliser * 0.5, rel=1e-5)
+    with torch.no_grad():                # a branch whose scales are all zero: a finite (zero) group gradient
+        bn.weight.zero_()
+    bn.weight.grad = None
+    reg.l1_loss([(entry, bn)]).backward()
+    assert torch.isfinite(bn.weight.grad).all()
+
+
+def test_a_block_join_adds_a_group_term_over_all_its_branches(model):
+    reg = registry(model, "seconds")
+    pairs = reg.bns(model)
+    block = pairs[0][0].block
+    reg.join_s = {block: 3e-4}
+    reg.renormalise()
+    in_block = [(e, bn) for e, bn in pairs if e.block == block]
+    scales = torch.cat([bn.weight.detach() for _, bn in in_block])
+    l1 = sum(e.penalty * bn.weight.detach().abs().sum() for e, bn in in_block)
+    assert reg.l1_loss(in_block).item() == pytest.approx((l1 + reg.join_penalty[block] * scales.norm()).item(), rel=1e-5)
+    masks = {block: [torch.zeros(bn.weight.numel(), dtype=torch.bool) for _, bn in in_block]}
+    channels = sum(e.width * e.seconds_per_channel for e, _ in in_block)
+    assert reg.pruned_seconds(model, masks) == pytest.approx(channels + 3e-4)   # emptied: its join goes too
 
 
 def test_masks_keep_a_channel_if_gamma_or_ema_gamma_is_alive_and_ema_alone_at_the_end(model):

@@ -66,6 +66,17 @@ def test_export_then_retrain_has_the_searched_parameter_count(search_run, tmp_pa
     assert "shrinks" not in retrain
 
 
+def test_a_launch_aware_search_runs_and_checkpoints_its_fixed_costs(tmp_path):
+    run_dir = tmp_path / "run"
+    assert train.main(["--config", str(CONFIGS / "digits.yaml"), *SEARCH, "latency.cost=fixed_plus_marginal",
+                       "prune.threshold=1e-3", f"log.run_dir={run_dir}"]) == 0  # most branches live on
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    registry = state["search"]["registry"]
+    assert any(e["fixed_s"] > 0 and e["group_penalty"] > 0 for e in registry["entries"])
+    assert set(registry["join_s"]) <= {e["block"] for e in registry["entries"]}
+    assert read_scalars(run_dir / "tb")["train/bn_l1_loss"][-1][1] > 0
+
+
 def test_mask_flattening_round_trips():
     model = build_model(load_config(CONFIGS / "digits.yaml").model)
     name, block = model.named_blocks()[2]
