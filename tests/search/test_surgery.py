@@ -306,3 +306,23 @@ def test_shrink_is_deterministic_and_validates_masks():
         shrink_model(model, {FUSE: [m.long() for m in masks[FUSE]]})
     after = model.state_dict()                                 # a rejected call changes nothing
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_the_candidate_timed_before_the_cut_is_the_network_the_cut_gives():
+    """Measure before cut times arch_after_masks(model, masks): it must be exactly what shrink_model leaves."""
+    from dist_hrnas.search.masks import arch_after_masks
+
+    torch.manual_seed(0)
+    model = build_model(load_config(CONFIGS / "digits.yaml").model)
+    gen = torch.Generator().manual_seed(3)
+    masks = {}
+    for i, (name, block) in enumerate(model.named_blocks()):
+        kinds = [torch.rand(w, generator=gen) > 0.5 for w in block.widths]   # random channels ...
+        if i % 3 == 1:
+            kinds[0][:] = False                                               # ... whole branches ...
+        if i % 5 == 4:
+            kinds = [torch.zeros_like(m) for m in kinds]                      # ... and whole blocks
+        masks[name] = kinds
+    candidate = arch_after_masks(model, masks)
+    shrink_model(model, masks)
+    assert export_arch(model) == candidate
