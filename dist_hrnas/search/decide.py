@@ -38,6 +38,10 @@ MIN_GAIN = 0.01
 # once first and once second; a single round was not enough here: the first child after training ran up to 30 %
 # slow, and a one-round figure of the network now made candidates look far faster than they re-timed.
 CANDIDATE_ROUNDS = 2
+# Before the last epoch a candidate is timed only when the calibrated model predicts it at least this much faster:
+# the fastest rounds of one figure agree within about this here (the default latency.network_spread), so a
+# smaller gain cannot be told from noise and timing it costs the search more than it can tell.
+MEASURABLE_GAIN = 0.05
 
 
 def required_gain(now_spread: float, after_spread: float) -> float:
@@ -87,10 +91,9 @@ def decide_by_measurement(search: "Search", model: HRNet, masks: Masks, epoch: i
 
 
 def measurable(search: "Search", model: HRNet, masks: Masks) -> bool:
-    """Whether the calibrated model predicts ``masks`` at least ``latency.network_spread`` faster than the network
-    now: a smaller gain is inside the rounds' noise, so timing it costs the search more than it can tell."""
+    """Whether the calibrated model predicts ``masks`` at least MEASURABLE_GAIN faster than the network now."""
     after = predict_after_masks(search.profile, model, masks)
-    return after <= search.profile.predict_s(model) * (1.0 - search.cfg.latency.network_spread)
+    return after <= search.profile.predict_s(model) * (1.0 - MEASURABLE_GAIN)
 
 
 def _confirm(search: "Search", model: HRNet, masks: Masks, epoch: int, last_epoch: bool) -> Decision:
@@ -106,12 +109,13 @@ def _confirm(search: "Search", model: HRNet, masks: Masks, epoch: int, last_epoc
         if not candidates:
             return Decision(masks, False)
     now_arch = export_arch(model)
-    for i, candidate in enumerate(candidates):
+    for candidate in candidates:
         (now_s, now_spread), (after_s, after_spread) = search.compare_on_rank0(
             [now_arch, arch_after_masks(model, candidate)], CANDIDATE_ROUNDS)
         if after_s < now_s * (1.0 - required_gain(now_spread, after_spread)):
             probe = (search.profile.parts(shrunk_view(model, candidate)), after_s)
-            return Decision(candidate, True, [REFITTED_WHOLE_BRANCHES] if i else [], after_s, now_s, [probe])
+            refitted = [REFITTED_WHOLE_BRANCHES] if candidate is whole else []
+            return Decision(candidate, True, refitted, after_s, now_s, [probe])
     return Decision(masks, False, [REFUSED_MEASURED_SLOWER])
 
 

@@ -166,7 +166,7 @@ def test_a_gain_inside_the_figures_spread_is_refused(tmp_path, spread, taken):
 def test_before_the_last_epoch_a_gain_too_small_to_measure_is_not_timed(tmp_path):
     from dist_hrnas.search.decide import decide_by_measurement
 
-    search, model = _search(tmp_path, "prune.round_to=1", "latency.network_spread=0.05")
+    search, model = _search(tmp_path, "prune.round_to=1")
     with torch.no_grad():
         search.pairs[0][1].weight[:2] = 0.0        # two channels of one branch: far less than 5 % of the network
     masks = search.registry.masks(model)
