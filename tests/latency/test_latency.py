@@ -22,6 +22,7 @@ from dist_hrnas.models import build_model, count_macs
 from dist_hrnas.search.registry import PruneRegistry, round_mask
 from dist_hrnas.search.surgery import shrink_model
 from tests.conftest import CONFIGS, SEARCH, SMALL
+from tests.device_lut import lut_from_another_machine
 from tests.multirank import run_ranks
 
 # No calibration networks: these tests check the curves and the context part on fake devices whose whole-network
@@ -238,15 +239,7 @@ def test_onnxruntime_backend_builds_a_lut_for_a_small_config(tmp_path, capsys):
 
 
 def _lut_from_another_machine(tmp_path, args: list[str]) -> Path:
-    """A LUT built by the profile CLI, relabelled as built on a board this test does not run on."""
-    lut = tmp_path / "board.json"
-    with contextlib.redirect_stdout(io.StringIO()):
-        assert profile_cli.main([*args, "--device", "cpu", "--out", str(lut), "--no-progress"]) == 0
-    data = read_lut_file(lut)
-    (fid, table), = data["tables"].items()
-    table["fingerprint"] |= {"device_name": "Edge Board X1", "torch": "0.0.0"}
-    lut.write_text(json.dumps({"format": data["format"], "tables": {"another": table}}))
-    return lut
+    return lut_from_another_machine(tmp_path / "board.json", args)
 
 
 def test_training_for_another_machine_times_nothing_here(tmp_path, monkeypatch):

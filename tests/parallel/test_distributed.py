@@ -17,15 +17,25 @@ from dist_hrnas.search.masks import broadcast_masks
 from dist_hrnas.search.shrink import check_same_on_all_ranks
 from dist_hrnas.search.surgery import shrink_model
 from tests.conftest import CONFIGS, PYTHON, SEARCH
+from tests.device_lut import BOARD, lut_from_another_machine
 from tests.multirank import run_ranks
 
 # Two ranks train at twice the learning rate (digits.yaml scales lr to the global batch): a milder penalty
-# over three epochs shrinks more than once, so the engine is rebuilt and checked more than once. These tests are
-# about the re-wrap, so the calibrated model decides each shrink: a candidate timed before the cut may be refused
-# on a busy machine, which would make the number of shrinks depend on the load (test_torchrun_two_ranks_measured
-# covers the measured decision on two ranks), and every dead channel goes (round_to=1: on the channel grid a
-# branch with a few dead channels keeps them, and the second shrink may not come).
-DIST = [*SEARCH, "train.epochs=3", "prune.rho=0.03", "prune.measure_before_cut=false", "prune.round_to=1"]
+# over three epochs shrinks more than once (here at epochs 1 and 2, a few hundred channels each), so the engine is rebuilt and checked more than once. These tests are
+# about the re-wrap, so they train for another machine (latency.lut_device) whose LUT depends on the architecture
+# only (tests/device_lut.py): the calibrated model decides each shrink from the same figures however loaded this
+# machine is, so the number of shrinks does not depend on the load (test_torchrun_two_ranks_measured covers the
+# measured decision on two ranks). Every dead channel goes (round_to=1: on the channel grid a branch with a few
+# dead channels keeps them, and the second shrink may not come).
+DIST = [*SEARCH, "train.epochs=3", "prune.rho=0.05", "prune.round_to=1"]
+
+
+@pytest.fixture(scope="module")
+def dist_args(tmp_path_factory) -> list[str]:
+    """DIST with the even LUT of another machine (built once for the module)."""
+    lut = lut_from_another_machine(tmp_path_factory.mktemp("lut") / "board.json",
+                                   ["--config", str(CONFIGS / "digits.yaml"), *DIST], even=True)
+    return [*DIST, f"latency.lut={lut}", f"latency.lut_device={BOARD}"]
 
 
 def _model():
@@ -94,10 +104,10 @@ def _check_two_rank_run(run_dir) -> None:
 
 
 @pytest.mark.slow
-def test_torchrun_two_ranks_ddp_search(tmp_path, python_env):
+def test_torchrun_two_ranks_ddp_search(tmp_path, python_env, dist_args):
     run_dir = tmp_path / "run"
     proc = _torchrun(["--standalone", "--nproc_per_node", "2", "-m", "dist_hrnas.train", "--config",
-                      str(CONFIGS / "digits.yaml"), *DIST, f"log.run_dir={run_dir}"], python_env, tmp_path)
+                      str(CONFIGS / "digits.yaml"), *dist_args, f"log.run_dir={run_dir}"], python_env, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _check_two_rank_run(run_dir)
     scalars = read_scalars(run_dir / "tb")
@@ -128,11 +138,11 @@ def test_torchrun_two_ranks_measured(tmp_path, python_env):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [0, 1, 2])
-def test_torchrun_two_ranks_deepspeed_search(tmp_path, python_env, stage):
+def test_torchrun_two_ranks_deepspeed_search(tmp_path, python_env, dist_args, stage):
     pytest.importorskip("deepspeed")
     run_dir = tmp_path / "run"
     proc = _torchrun(["--standalone", "--nproc_per_node", "2", "-m", "dist_hrnas.train", "--config",
-                      str(CONFIGS / "digits.yaml"), *DIST, "dist.engine=deepspeed",
+                      str(CONFIGS / "digits.yaml"), *dist_args, "dist.engine=deepspeed",
                       f"dist.deepspeed.zero_stage={stage}", f"log.run_dir={run_dir}"], python_env, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _check_two_rank_run(run_dir)
@@ -146,11 +156,11 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_nodes_with_c10d_rendezvous_on_localhost(tmp_path, python_env):
+def test_two_nodes_with_c10d_rendezvous_on_localhost(tmp_path, python_env, dist_args):
     run_dir = tmp_path / "run"
     endpoint = f"127.0.0.1:{_free_port()}"
     cmd = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
-           "--rdzv-id", "test-job", "-m", "dist_hrnas.train", "--config", str(CONFIGS / "digits.yaml"), *DIST,
+           "--rdzv-id", "test-job", "-m", "dist_hrnas.train", "--config", str(CONFIGS / "digits.yaml"), *dist_args,
            f"log.run_dir={run_dir}"]
     nodes = [subprocess.Popen([PYTHON, "-m", "torch.distributed.run", *cmd], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, env=python_env, cwd=tmp_path) for _ in range(2)]
