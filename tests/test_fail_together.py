@@ -92,6 +92,29 @@ def test_a_failure_on_rank0_alone_stops_every_rank_with_the_same_line():
     assert float(seconds) < 30
 
 
+def _rank0_works_long(rank: int, fail: bool) -> str:
+    """Rank 0 works alone for 3 s, longer than the job's 1 s collective timeout (as a LUT build outlasts the
+    default 300 s), then succeeds or fails; every rank must see its result, not a timeout."""
+    def work() -> str:
+        time.sleep(3.0)
+        if fail:
+            raise UserError("latency.lut: the test's LUT is broken")
+        return "rank 0's result"
+
+    try:
+        value = comm.on_rank0(work, "the test's long rank-0 work")
+        return "error: none" if fail else str(comm.broadcast_object(value))
+    except UserError as err:
+        return f"error: {err}"
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_rank0_working_alone_longer_than_the_collective_timeout_ends_well(fail):
+    results = run_ranks(_rank0_works_long, fail, comm_timeout_s=1)
+    expected = "error: latency.lut: the test's LUT is broken" if fail else "rank 0's result"
+    assert results == [("ok", expected), ("ok", expected)]
+
+
 def _torchrun(tmp_path: Path, python_env: dict, extra: list[str]) -> subprocess.Popen:
     cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "dist_hrnas.train",
            "--config", DIGITS, *extra, f"log.run_dir={tmp_path / 'run'}", "dist.timeout_s=3600"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import gc
 import os
+import time
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
@@ -19,6 +20,11 @@ from dist_hrnas.config import DistConfig
 from dist_hrnas.errors import UserError
 
 T = TypeVar("T")
+
+# Where the other ranks wait while rank 0 works alone (see share_rank0_error); set by init_distributed.
+_STORE: dist.Store | None = None
+_ALONE_SECTIONS = 0   # rank-0-alone sections so far: the same count on every rank (each one is collective)
+_POLL_MAX_S = 0.2     # the longest sleep between two looks at the store (what a finished section may wait)
 
 
 @dataclass(frozen=True)
@@ -90,10 +96,12 @@ def init_distributed(cfg: DistConfig, training_device: str = "auto") -> DistCont
         if var not in os.environ:
             raise UserError(f"WORLD_SIZE={world_size}{' with dist.always_group=true' if world_size == 1 else ''} "
                             f"but {var} is not set: start with torchrun")
+    global _STORE
     timeout = datetime.timedelta(seconds=cfg.timeout_s)
-    dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout,
-                            store=_rendezvous_store(rank, world_size, timeout),
+    store = _rendezvous_store(rank, world_size, timeout)
+    dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout, store=store,
                             device_id=device if device.type == "cuda" else None)
+    _STORE = dist.PrefixStore("rank0_alone", store)
     return DistContext(rank=rank, local_rank=local_rank, world_size=world_size, device=device, backend=backend)
 
 
@@ -105,6 +113,8 @@ def shutdown(ctx: DistContext, failed: bool = False) -> None:
     other ranks may be inside a collective this rank will never join, and waiting for them would hold this
     rank (and, under torchrun, the whole job) until ``dist.timeout_s``. Exiting lets torchrun end the others.
     """
+    global _STORE
+    _STORE = None
     if not dist.is_initialized():
         return
     gc.collect()
@@ -133,11 +143,34 @@ def share_rank0_error(err: BaseException | None, what: str) -> None:
     """
     line = None if err is None else _one_line(err, what)
     if dist.is_initialized():
+        _wait_for_rank0()
         line = broadcast_object(line)
     if err is not None:
         raise err
     if line is not None:
         raise UserError(line)
+
+
+def _wait_for_rank0() -> None:
+    """Rank 0 marks the end of its work alone in the store; the other ranks sleep until it does.
+
+    Without this they would wait inside the broadcast, and a collective gives up after ``dist.timeout_s``:
+    rank 0 building a LUT (ops and calibration networks, several minutes on a CPU) would end a healthy job.
+    Polling the store has no such limit; a lost rank 0 still ends the job (torchrun stops the other workers,
+    and a store that cannot be reached raises). Without our store (a group made elsewhere) the broadcast waits.
+    """
+    global _ALONE_SECTIONS
+    if _STORE is None:
+        return
+    _ALONE_SECTIONS += 1
+    key = f"done/{_ALONE_SECTIONS}"
+    if rank() == 0:
+        _STORE.set(key, "1")
+        return
+    pause = 0.001
+    while not _STORE.check([key]):
+        time.sleep(pause)
+        pause = min(2 * pause, _POLL_MAX_S)
 
 
 def on_rank0(work: Callable[[], T], what: str) -> T | None:
