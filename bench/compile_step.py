@@ -118,24 +118,34 @@ def main() -> None:
     x = torch.randn(batch, cfg.model.image_channels, size, size, generator=gen).contiguous(
         memory_format=memory_format(channels_last))
     y = torch.randint(0, cfg.model.num_classes, (batch,), generator=gen)
-    phases = [phase(eager, compiled, x, y, steps)]
-    for _ in range(shrinks):
-        masks = random_masks(eager.model, gen, args.keep)
-        eager.shrink(masks)
-        compiled.shrink(masks)
-        phases.append(phase(eager, compiled, x, y, steps))
+    started = time.perf_counter()
     result = {"config": Path(args.config).name, "batch": batch, "image_size": size, "threads": 1,
               "channels_last": channels_last, "backend": args.backend, "torch": torch.__version__,
-              "quick": args.quick, "phases": phases,
-              "total_compile_s": round(sum(p["compile_s"] for p in phases), 3),
-              "dynamo_unique_graphs": torch._dynamo.utils.counters["stats"].get("unique_graphs", 0),
-              "recompile_limit": getattr(torch._dynamo.config, "recompile_limit",
-                                         getattr(torch._dynamo.config, "cache_size_limit", None))}
-    text = json.dumps(result, indent=2)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    print(text)
+              "quick": args.quick, "shrinks": shrinks, "phases": []}
+    for i in range(shrinks + 1):
+        if i:
+            masks = random_masks(eager.model, gen, args.keep)
+            eager.shrink(masks)
+            compiled.shrink(masks)
+        result["phases"].append(phase(eager, compiled, x, y, steps))
+        # written after every phase: on this CPU one compile may take minutes, and a run stopped by a time
+        # limit still leaves the phases it finished
+        report(result, time.perf_counter() - started, args.out, done=i == shrinks)
 
+
+def report(result: dict, wall_s: float, out: str, done: bool) -> None:
+    """Totals so far into ``result``; the JSON to ``out`` (every phase) and to stdout (at the end)."""
+    result |= {"complete": done, "wall_s": round(wall_s, 1),
+               "total_compile_s": round(sum(p["compile_s"] for p in result["phases"]), 3),
+               "dynamo_unique_graphs": torch._dynamo.utils.counters["stats"].get("unique_graphs", 0),
+               "recompile_limit": getattr(torch._dynamo.config, "recompile_limit",
+                                          getattr(torch._dynamo.config, "cache_size_limit", None))}
+    text = json.dumps(result, indent=2)
+    if out:
+        tmp = Path(out).with_suffix(".tmp")
+        tmp.write_text(text + "\n")
+        os.replace(tmp, out)
+    print(text if done else f"phase {len(result['phases'])} done after {wall_s:.0f} s", flush=True)
 
 if __name__ == "__main__":
     main()
