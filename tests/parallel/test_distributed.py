@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 import subprocess
 
 import pytest
@@ -18,7 +17,7 @@ from dist_hrnas.search.shrink import check_same_on_all_ranks
 from dist_hrnas.search.surgery import shrink_model
 from tests.conftest import CONFIGS, PYTHON, SEARCH
 from tests.device_lut import BOARD, lut_from_another_machine
-from tests.multirank import run_ranks
+from tests.multirank import free_port, run_ranks
 
 # Two ranks train at twice the learning rate (digits.yaml scales lr to the global batch): a milder penalty
 # over three epochs shrinks more than once (here at epochs 1 and 2, a few hundred channels each), so the engine is rebuilt and checked more than once. These tests are
@@ -149,16 +148,10 @@ def test_torchrun_two_ranks_deepspeed_search(tmp_path, python_env, dist_args, st
     assert f"zero_stage: {stage}" in (run_dir / "config.yaml").read_text()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_nodes_with_c10d_rendezvous_on_localhost(tmp_path, python_env, dist_args):
     run_dir = tmp_path / "run"
-    endpoint = f"127.0.0.1:{_free_port()}"
+    endpoint = f"127.0.0.1:{free_port()}"
     cmd = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
            "--rdzv-id", "test-job", "-m", "dist_hrnas.train", "--config", str(CONFIGS / "digits.yaml"), *dist_args,
            f"log.run_dir={run_dir}"]
@@ -190,7 +183,7 @@ def test_always_group_makes_one_process_a_group_with_the_configured_engine(monke
     assert isinstance(make_engine(cfg, model, build_optimizer(model, cfg.train, 0.1), comm.init_distributed(
         DistConfig(), training_device="cpu")), LocalEngine)          # the default: no group, the bare module
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     ctx = comm.init_distributed(cfg.dist, training_device="cpu")
     try:
         assert (ctx.world_size, ctx.backend, comm.is_initialized()) == (1, "gloo", True)
