@@ -12,6 +12,7 @@ from dist_hrnas.config import LatencyConfig, load_config
 from dist_hrnas.latency import Timer, branch_widths, profile_on_rank0
 from dist_hrnas.metrics import read_scalars, read_tags
 from dist_hrnas.models import build_model
+from dist_hrnas.report import read_shrinks
 from dist_hrnas.search.masks import broadcast_masks
 from dist_hrnas.search.shrink import check_same_on_all_ranks
 from dist_hrnas.search.surgery import shrink_model
@@ -128,8 +129,9 @@ def test_torchrun_two_ranks_measured(tmp_path, python_env):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["candidate_networks_timed"] >= 2
     refused = read_scalars(run_dir / "tb").get("prune/shrink_refused", [])
-    records = [json.loads(line) for line in (run_dir / "shrinks.jsonl").read_text().splitlines()]
-    assert len(records) == summary["shrinks"] and records or refused  # a candidate was taken, or refused
+    records = read_shrinks(run_dir / "shrinks.jsonl")  # [] when the run never shrank (then it has no file)
+    assert len(records) == summary["shrinks"]
+    assert records or refused  # on a loaded box every candidate may measure slower: then each was refused
     for rec in records:  # taken only when it measured faster than the network it replaced, in the same rounds
         assert rec["measured_before_cut"] and rec["rank_hashes"][0] == rec["rank_hashes"][1]
         assert rec["latency_ms_measured_after"] < rec["latency_ms_measured_before"]
