@@ -114,7 +114,7 @@ def target_runs(target: str, batch: int, args, modes: list[str]) -> list[dict]:
                 summary = run_search([*MODES[mode], *extra, f"train.seed={seed}"], batch, args.epochs, run_dir, lut)
                 rows.append({"mode": mode, kind: value, "seed": seed, "val_top1": summary["val_top1"],
                              "params": summary["params_searched"], "macs": summary["macs_searched"],
-                             "shrinks": summary["shrinks"], "run_dir": str(run_dir.relative_to(ROOT))})
+                             "shrinks": summary["shrinks"], "run_dir": os.path.relpath(run_dir, ROOT)})
     return rows
 
 
@@ -197,7 +197,7 @@ def bench_target(target: str, batch: int, args, modes: list[str]) -> tuple[dict,
               **compare_modes(rows, modes, args.resamples), "budgets": budget_table(rows, modes, ms[0]), "runs": rows}
     png = RESULTS / f"search_quality_{target}.png"
     plot(target, batch, result, png)
-    result["plot"] = str(png.relative_to(ROOT))
+    result["plot"] = os.path.relpath(png, ROOT)
     return result, (rises, total)
 
 
