@@ -166,9 +166,14 @@ def trajectory(work: Path) -> dict:
             errors += [abs(r["error_pct"]) for r in retimed["shrinks"]]
         if summary.get("target_latency_ms") and retimed["shrinks"]:
             final = retimed["shrinks"][-1]["retimed_ms_after"]
+            ratio = float(dict(a.split("=") for a in extra)["prune.target_ratio"])
+            retimed_ratio = final / retimed["supernet_retimed_ms"]  # the supernet timed in the same rounds
             budgets[name] = {"target_ms": summary["target_latency_ms"], "retimed_final_ms": final,
                              "vs_target_pct": round(100 * (final / summary["target_latency_ms"] - 1), 2),
-                             "run_reported_vs_target_pct": summary.get("latency_vs_target_pct")}
+                             "run_reported_vs_target_pct": summary.get("latency_vs_target_pct"),
+                             # what the user asked for: the searched network / the supernet, re-timed together
+                             "target_ratio": ratio, "retimed_ratio": round(retimed_ratio, 4),
+                             "vs_target_ratio_pct": round(100 * (retimed_ratio / ratio - 1), 2)}
         out[name] = retimed
     out["median_abs_error_pct"] = round(statistics.median(errors), 2) if errors else None
     out["max_abs_error_pct"] = round(max(errors), 2) if errors else None

@@ -29,7 +29,7 @@ from multiprocessing.connection import Connection
 from dist_hrnas.parallel import comm
 from dist_hrnas.config import LatencyConfig
 from dist_hrnas.errors import UserError
-from dist_hrnas.latency.measure import NETWORK_ROUNDS, interleaved, network_round, settled
+from dist_hrnas.latency.measure import NETWORK_ROUNDS, RETAKES, interleaved, network_round, settled
 from dist_hrnas.models import HRNet, export_arch, model_from_arch
 from dist_hrnas.latency.timing import make_timer
 
@@ -80,12 +80,13 @@ class CleanProcessTimer:
         arch = export_arch(model)
         return settled(lambda: self._round(arch), self.cfg)[0]
 
-    def compare(self, models: list[HRNet], rounds: int = NETWORK_ROUNDS) -> list[tuple[float, float]]:
+    def compare(self, models: list[HRNet], rounds: int = NETWORK_ROUNDS,
+                retakes: int = RETAKES) -> list[tuple[float, float]]:
         """Each network's (fastest round, spread), timed in the same rounds (:func:`interleaved`), every round
         of every network in a fresh child."""
         self.calls += 1
         archs = [export_arch(m) for m in models]
-        return interleaved([lambda a=a: self._round(a) for a in archs], self.cfg, rounds)
+        return interleaved([lambda a=a: self._round(a) for a in archs], self.cfg, rounds, retakes)
 
     def _round(self, arch: dict) -> float:
         """One round of one network, in a fresh child process."""

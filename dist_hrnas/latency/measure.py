@@ -216,14 +216,14 @@ def settled(take_round: Callable[[], float], cfg: LatencyConfig, rounds: int = N
     return min(medians), spread(sorted(medians)[:rounds])
 
 
-def interleaved(takes: list[Callable[[], float]], cfg: LatencyConfig,
-                rounds: int = NETWORK_ROUNDS) -> list[tuple[float, float]]:
+def interleaved(takes: list[Callable[[], float]], cfg: LatencyConfig, rounds: int = NETWORK_ROUNDS,
+                retakes: int = RETAKES) -> list[tuple[float, float]]:
     """Each network's (fastest round, spread of its fastest ``rounds``), all timed in the same rounds: every
     round takes each network once, alternating who goes first, so a slow spell of the machine falls on all of
-    them; ``rounds`` more are taken (at most RETAKES times) while any network's disagree beyond
+    them; ``rounds`` more are taken (at most ``retakes`` times) while any network's disagree beyond
     ``latency.network_spread``."""
     medians: list[list[float]] = [[] for _ in takes]
-    for taken in range(1, rounds * (1 + RETAKES) + 1):
+    for taken in range(1, rounds * (1 + retakes) + 1):
         order = list(range(len(takes)))
         for i in order if taken % 2 else order[::-1]:
             medians[i].append(takes[i]())
@@ -233,11 +233,12 @@ def interleaved(takes: list[Callable[[], float]], cfg: LatencyConfig,
 
 
 def compare_networks(models: list[HRNet], image_size: int, cfg: LatencyConfig, timer: Timer,
-                     network_timer: NetworkTimer | None = None, rounds: int = NETWORK_ROUNDS) -> list[tuple[float, float]]:
+                     network_timer: NetworkTimer | None = None, rounds: int = NETWORK_ROUNDS,
+                     retakes: int = RETAKES) -> list[tuple[float, float]]:
     """:func:`interleaved` figures of ``models``: in clean processes when ``network_timer`` can, else here."""
     if network_timer is not None and hasattr(network_timer, "compare"):
-        return network_timer.compare(models, rounds)
-    return interleaved([network_round(m, image_size, cfg, timer) for m in models], cfg, rounds)
+        return network_timer.compare(models, rounds, retakes)
+    return interleaved([network_round(m, image_size, cfg, timer) for m in models], cfg, rounds, retakes)
 
 
 def network_round(model: HRNet, image_size: int, cfg: LatencyConfig, timer: Timer) -> Callable[[], float]:

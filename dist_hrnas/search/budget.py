@@ -9,9 +9,10 @@ where the plan is.
 - :class:`BudgetSteer`: how many channels a shrink takes. The channels are ranked by what they are worth per
   unit of the penalty's cost (|gamma| per second, per MAC, or plain |gamma|), and a shrink takes the k worth least
   (the L1 term has already zeroed most of them). When the target device is this machine, k is chosen by
-  *measuring* a few candidate networks against the network now (:meth:`BudgetSteer.probe_ks` proposes them from
-  the calibrated latency model, :meth:`BudgetSteer.pick` chooses by the measurements); with
-  ``latency.lut_device`` the calibrated model alone decides (:meth:`BudgetSteer.model_k`).
+  *measuring*: the calibrated latency model's pick is timed against the network now; only when it misses the
+  band at the landing is another timed, aimed through what the miss measured (:meth:`BudgetSteer.probe_aim`),
+  and :meth:`BudgetSteer.pick` chooses among those measured. With ``latency.lut_device`` the calibrated model
+  alone decides (:meth:`BudgetSteer.model_k`).
 
 Everything here is plain arithmetic on numbers every rank shares (the profile and the measurements are
 broadcast by rank 0), so every rank computes the same rho at every step.
@@ -31,10 +32,12 @@ if TYPE_CHECKING:
 
 SCHEDULES = ("linear", "cosine", "exp")
 _EXP_RATE = 3.0  # exp schedule: 95% of the budget pruned by the end, front-loaded
-# Candidates a measured budget shrink times, as factors of the aim (in predicted seconds) times the tolerance:
-# one just above the aim and two inside the band under it, so a latency model a few percent off still brackets
-# the target; the slowest measured at or under the aim is taken.
-PROBE_OFFSETS = (0.5, -0.5, -1.5)
+# Candidates a measured landing (the shrink aimed at the target) times at most: the model's pick, then, while the
+# last one missed the band, one aimed through the miss, or the middle of a bracket (BudgetSteer.next_k). Each
+# costs a few seconds of the search; a secant through a measured point is off by the model's curvature only,
+# so the band is usually reached within two, and the bisection needs one or two more where a jump (a whole
+# branch going) lies across it.
+MAX_PROBES = 4
 
 
 def schedule_fraction(shape: str, x: float) -> float:
@@ -209,10 +212,31 @@ class BudgetSteer:
         """Fewest channels to take so the model predicts at most ``aim_predicted_s``."""
         return shortest_prefix(n, lambda k: predict(k) <= aim_predicted_s)
 
-    def probe_ks(self, n: int, predict: Callable[[int], float], aim_s: float) -> list[int]:
-        """The candidate channel counts a measured shrink times (see PROBE_OFFSETS), distinct, ascending."""
-        aim = self.to_predicted(aim_s)
-        return sorted({self.model_k(n, predict, aim * (1.0 + o * self.tolerance)) for o in PROBE_OFFSETS})
+    def probe_aim(self, aim_s: float, tried: list[tuple[float, float]]) -> float:
+        """Predicted seconds the next measured candidate aims at: the middle of the band under ``aim_s`` (so a
+        model a little off still lands in it), mapped by the latest candidate's measured/predicted ratio
+        (``tried``: (predicted, measured) of the candidates timed for this shrink), else by the latest shrink's."""
+        mid_s = aim_s * (1.0 - 0.5 * self.tolerance)
+        if not tried:
+            return self.to_predicted(mid_s)
+        predicted, measured = tried[-1]
+        return mid_s * predicted / measured
+
+    def next_k(self, n: int, predict: Callable[[int], float], aim_s: float,
+               tried: dict[int, tuple[float, float]]) -> int:
+        """Channels the next measured candidate takes (``tried``: channels -> (predicted, measured) of those timed
+        for this shrink, in order): the model's pick, aimed through the latest miss; once candidates measured
+        on both sides of the band, the middle of the two closest (bisection on the ranking: a whole branch
+        going at once is a jump no model aim steps over)."""
+        slow = [k for k, (_, m) in tried.items() if m > aim_s]
+        fast = [k for k, (_, m) in tried.items() if m < aim_s * (1.0 - self.tolerance)]
+        if slow and fast:
+            return (max(slow) + min(fast)) // 2
+        return self.model_k(n, predict, self.probe_aim(aim_s, list(tried.values())[-1:]))
+
+    def in_band(self, measured_s: float, aim_s: float) -> bool:
+        """At or under the aim by at most ``prune.budget_tolerance``."""
+        return aim_s * (1.0 - self.tolerance) <= measured_s <= aim_s
 
     def pick(self, measured: dict[int, float], aim_s: float) -> int:
         """The candidate measured slowest at or under the aim (the fewest channels that meet it); if none

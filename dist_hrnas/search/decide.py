@@ -3,10 +3,11 @@
 When the target device is this machine every candidate is *measured before any rank cuts*: latency depends on
 the architecture only, so rank 0 builds the candidate with fresh weights and times it end to end against the
 network now, in the same rounds (:func:`dist_hrnas.latency.measure.compare_networks`). A candidate that does not
-measure faster is re-fitted (only its whole-branch removals kept) or refused; with a budget, a few candidate
-channel counts proposed by the calibrated latency model are measured and the one measured slowest at or under
-the aim is taken. Every measured network also becomes a calibration point. With ``latency.lut_device`` (no
-device here) the calibrated latency model decides instead.
+measure faster is re-fitted (only its whole-branch removals kept) or refused. With a budget the calibrated
+model's pick is measured (at the landing, corrected by measurement while it misses the band), and with a
+``prune.target_ratio`` every figure is taken against the supernet in the same rounds. Every measured network
+also becomes a calibration point. With ``latency.lut_device`` (no device here) the calibrated latency model
+decides instead.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 
 from dist_hrnas.models import HRNet, export_arch
 from dist_hrnas.parallel import comm
-from dist_hrnas.search.budget import branch_channels, full_masks, masks_without, ranked_channels
+from dist_hrnas.search.budget import MAX_PROBES, branch_channels, full_masks, masks_without, ranked_channels
 from dist_hrnas.search.masks import (Masks, arch_after_masks, broadcast_masks, dead_channels, flatten_masks, predict_after_masks,
                                      shrunk_view, unflatten_masks, whole_branches_only)
 
@@ -38,6 +39,10 @@ MIN_GAIN = 0.01
 # once first and once second; a single round was not enough here: the first child after training ran up to 30 %
 # slow, and a one-round figure of the network now made candidates look far faster than they re-timed.
 CANDIDATE_ROUNDS = 2
+# ... and taken again at most this many times while they disagree (latency.network_spread): a comparison whose
+# rounds still disagree after that refuses by itself (required_gain grows with the spread), and every retake
+# costs the search a few seconds per network (candidate timing was 47 % of a digits search's wall with 2).
+CANDIDATE_RETAKES = 1
 # Before the last epoch a candidate is timed only when the calibrated model predicts it at least this much faster:
 # the fastest rounds of one figure agree within about this here (the default latency.network_spread), so a
 # smaller gain cannot be told from noise and timing it costs the search more than it can tell.
@@ -59,6 +64,7 @@ class Decision:
     measured_s: float | None = None   # the chosen candidate, end to end (None: not measured)
     before_s: float | None = None     # the network now, timed in the same rounds
     probes: list[tuple[dict, float]] = field(default_factory=list)  # (calibration parts, measured seconds)
+    scale: float = 1.0  # measured figures were scaled by this to the start's supernet figure (see _timed)
 
 
 def decide_by_model(search: "Search", model: HRNet, masks: Masks, epoch: int, last_epoch: bool) -> Decision:
@@ -83,7 +89,7 @@ def decide_by_measurement(search: "Search", model: HRNet, masks: Masks, epoch: i
                                                                                    last_epoch)
         return {"flat": flatten_masks(model, decision.masks).tolist(), "due": decision.due,
                 "refusals": decision.refusals, "measured_s": decision.measured_s, "before_s": decision.before_s,
-                "probes": decision.probes}
+                "probes": decision.probes, "scale": decision.scale}
 
     payload = comm.broadcast_object(comm.on_rank0(on_rank0, "measuring the shrink's candidates"))
     masks = unflatten_masks(model, torch.tensor(payload.pop("flat"), dtype=torch.bool))
@@ -108,10 +114,8 @@ def _confirm(search: "Search", model: HRNet, masks: Masks, epoch: int, last_epoc
         candidates = [c for c in candidates if measurable(search, model, c)]
         if not candidates:
             return Decision(masks, False)
-    now_arch = export_arch(model)
     for candidate in candidates:
-        (now_s, now_spread), (after_s, after_spread) = search.compare_on_rank0(
-            [now_arch, arch_after_masks(model, candidate)], CANDIDATE_ROUNDS)
+        (now_s, now_spread), (after_s, after_spread), _ = _timed(search, model, candidate)
         if after_s < now_s * (1.0 - required_gain(now_spread, after_spread)):
             probe = (search.profile.parts(shrunk_view(model, candidate)), after_s)
             refitted = [REFITTED_WHOLE_BRANCHES] if candidate is whole else []
@@ -120,25 +124,47 @@ def _confirm(search: "Search", model: HRNet, masks: Masks, epoch: int, last_epoc
 
 
 def _budget_candidates(search: "Search", model: HRNet, masks: Masks, epoch: int, last_epoch: bool) -> Decision:
-    """A few candidate channel counts from the calibrated model, measured with the network now; the slowest at or
-    under the aim is taken (the fastest when none reaches it), if it measures faster than the network now."""
+    """The calibrated model's pick for the aim, measured with the network now; at the landing (the aim is the
+    target), while the last one missed the band, another aimed through the miss (at most MAX_PROBES). Taken: the
+    slowest measured at or under the aim (the fastest when none is), if it measures faster than the network now."""
     budget = search.budget
     base = full_masks(model, {})
     ranked = ranked_channels(branch_channels(model, search.pairs, search.cfg.prune.penalty))
+
+    def predict(n: int) -> float:
+        return predict_after_masks(search.profile, model, masks_without(base, ranked, n))
+
     aim = budget.aim_s(epoch + 1.0, last_epoch)
-    ks = [k for k in budget.probe_ks(len(ranked), lambda n: predict_after_masks(
-        search.profile, model, masks_without(base, ranked, n)), aim) if k > 0]
-    candidates = {k: masks_without(base, ranked, k) for k in ks}
-    candidates = {k: m for k, m in candidates.items() if dead_channels(m) > 0}
-    if not candidates or not search.due(model, next(iter(candidates.values())), last_epoch):
+    tried: dict[int, tuple] = {}  # channels taken -> (masks, predicted s, (now s, spread), (after s, spread), scale)
+    for _ in range(MAX_PROBES if aim <= budget.target_s else 1):
+        k = budget.next_k(len(ranked), predict, aim, {k: (t[1], t[3][0]) for k, t in tried.items()})
+        candidate = masks_without(base, ranked, k)
+        if k in tried or dead_channels(candidate) == 0 or (not tried and not search.due(model, candidate, last_epoch)):
+            break
+        tried[k] = (candidate, predict(k), *_timed(search, model, candidate))
+        if budget.in_band(tried[k][3][0], aim):
+            break
+    if not tried:
         return Decision(masks, False)
-    figures = search.compare_on_rank0([export_arch(model)] + [arch_after_masks(model, m) for m in candidates.values()],
-                                      CANDIDATE_ROUNDS)
-    now_s, now_spread = figures[0]
-    measured = {k: f[0] for k, f in zip(candidates, figures[1:])}
-    spreads = {k: f[1] for k, f in zip(candidates, figures[1:])}
-    probes = [(search.profile.parts(shrunk_view(model, m)), measured[k]) for k, m in candidates.items()]
-    k = budget.pick(measured, aim)
-    if measured[k] >= now_s * (1.0 - required_gain(now_spread, spreads[k])):
-        return Decision(masks, False, [REFUSED_MEASURED_SLOWER], before_s=now_s, probes=probes)
-    return Decision(candidates[k], True, [], measured[k], now_s, probes)
+    probes = [(search.profile.parts(shrunk_view(model, t[0])), t[3][0]) for t in tried.values()]
+    k = budget.pick({k: t[3][0] for k, t in tried.items()}, aim)
+    candidate, _, (now_s, now_spread), (after_s, after_spread), scale = tried[k]
+    if after_s >= now_s * (1.0 - required_gain(now_spread, after_spread)):
+        return Decision(masks, False, [REFUSED_MEASURED_SLOWER], before_s=now_s, probes=probes, scale=scale)
+    return Decision(candidate, True, [], after_s, now_s, probes, scale)
+
+
+def _timed(search: "Search", model: HRNet, candidate: Masks) -> tuple[tuple[float, float], tuple[float, float], float]:
+    """(network now, candidate) end to end, each (seconds, spread of its rounds), timed in the same rounds, and the
+    scale applied to both. With a ``prune.target_ratio`` budget the supernet runs in those rounds too and both
+    figures are scaled by (the supernet's figure at the start) / (its figure now): the target is a ratio to the
+    supernet, and this VM's speed moved 10-17 % between minutes, so a landing judged against a start figure
+    taken minutes before missed by that much."""
+    archs = [export_arch(model), arch_after_masks(model, candidate)]
+    reference = search.budget_reference_arch()
+    at = None if reference is None else 0 if reference == archs[0] else len(archs)  # the supernet's figure
+    if at == len(archs):
+        archs.append(reference)
+    figures = search.compare_on_rank0(archs, CANDIDATE_ROUNDS, CANDIDATE_RETAKES)
+    scale = 1.0 if at is None else search.budget.supernet_measured_s / figures[at][0]
+    return (figures[0][0] * scale, figures[0][1]), (figures[1][0] * scale, figures[1][1]), scale

@@ -17,7 +17,7 @@ from dist_hrnas.latency import (LatencyProfile, Timer, make_timer, measure_netwo
                                 start_network_timer)
 from dist_hrnas.latency.calibration import Parts
 from dist_hrnas.latency.measure import compare_networks
-from dist_hrnas.models import HRNet, count_macs, model_from_arch
+from dist_hrnas.models import HRNet, count_macs, export_arch, model_from_arch
 from dist_hrnas.names import RunFiles
 from dist_hrnas.parallel import comm
 from dist_hrnas.search.budget import BudgetSteer
@@ -51,6 +51,7 @@ class Search:
             self.latency_ms_supernet = self.profile.network_s * 1e3
             self.supernet_predicted_s = self.profile.predict_s(model)
             self.latency_ms_measured = self.latency_ms_supernet
+            self.supernet_arch: dict | None = export_arch(model)
             self.shrinks: list[dict] = []
         else:
             self.profile = LatencyProfile.from_state_dict(saved["profile"], cfg.latency.cost)
@@ -58,6 +59,7 @@ class Search:
             self.latency_ms_supernet = saved["latency_ms_supernet"]
             self.supernet_predicted_s = saved["supernet_predicted_s"]
             self.latency_ms_measured = saved["latency_ms_measured"]
+            self.supernet_arch = saved.get("supernet_arch")  # absent in checkpoints of earlier versions
             self.shrinks = list(saved["shrinks"])
         self.pairs = self.registry.bns(model)
         self.start_logged = saved is not None  # a resumed run logged its start already
@@ -81,6 +83,7 @@ class Search:
         return {"profile": self.profile.state_dict(),
                 "registry": self.registry.state_dict(), "latency_ms_supernet": self.latency_ms_supernet,
                 "supernet_predicted_s": self.supernet_predicted_s, "latency_ms_measured": self.latency_ms_measured,
+                "supernet_arch": self.supernet_arch,
                 "shrinks": list(self.shrinks), "budget": self.budget.state_dict() if self.budget else None}
 
     def rewrite_shrink_log(self) -> None:
@@ -137,16 +140,23 @@ class Search:
             return decide_by_model(self, model, masks, epoch, last_epoch)
         return decide_by_measurement(self, model, masks, epoch, last_epoch)
 
-    def compare_on_rank0(self, archs: list[dict], rounds: int) -> list[tuple[float, float]]:
+    def compare_on_rank0(self, archs: list[dict], rounds: int, retakes: int) -> list[tuple[float, float]]:
         """Rank 0 times ``archs`` end to end in the same ``rounds`` (fresh processes unless
-        ``latency.clean_process=false``): each one's (seconds, spread of its rounds)."""
+        ``latency.clean_process=false``; at most ``retakes`` more sets of rounds while they disagree): each
+        one's (seconds, spread of its rounds)."""
         start = time.perf_counter()
         models = [model_from_arch(a) for a in archs]
         figures = compare_networks(models, self.image_size, self.cfg.latency, self.timer or make_timer(self.cfg.latency),
-                                   self.network_timer, rounds)
+                                   self.network_timer, rounds, retakes)
         self.candidate_networks_timed += len(archs)
         self.candidate_timing_s += time.perf_counter() - start
         return figures
+
+    def budget_reference_arch(self) -> dict | None:
+        """The supernet, timed beside a budget's candidates when the target is a ratio to it (else None)."""
+        if self.budget is None or self.cfg.prune.target_latency_ms is not None:
+            return None
+        return self.supernet_arch
 
     def review(self, model: HRNet, masks: Masks, last_epoch: bool) -> tuple[bool, list[int]]:
         """(shrink now?, refusal codes) for ``masks`` by the latency model alone; branches whose narrower width

@@ -120,6 +120,8 @@ def shrink(search: Search, state: TrainState, ctx: comm.DistContext, decision: D
              "measured_before_cut": decision.measured_s is not None}
     if decision.before_s is not None:  # the network before this shrink, re-timed in the same rounds
         extra["latency_ms_measured_before"] = round(decision.before_s * 1e3, 4)
+    if decision.scale != 1.0:  # figures in the units of the start's supernet figure (search.decide._timed)
+        extra["latency_scale_to_start"] = round(decision.scale, 5)
     if search.budget is not None:
         search.budget.observe(search.predicted_now_s, measured_ms / 1e3)
         extra |= {"target_latency_ms": round(search.budget.target_s * 1e3, 4), "budget_met": search.budget.done}

@@ -88,6 +88,9 @@ def test_candidates_are_compared_in_two_alternating_rounds_and_retaken_while_the
     figures = iter([1.3, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])  # the first child ran 30 % slow: two more rounds
     retaken = interleaved([lambda: next(figures), lambda: next(figures)], cfg, rounds=2)
     assert retaken == [(1.0, 0.0), (1.0, 0.0)]
+    figures = iter([1.3, 1.0, 1.0, 1.0])  # the same, with no retakes allowed: the disagreement is reported
+    capped = interleaved([lambda: next(figures), lambda: next(figures)], cfg, rounds=2, retakes=0)
+    assert capped == [(1.0, pytest.approx(0.3)), (1.0, 0.0)]
 
 
 @pytest.mark.parametrize("curve, grid", [
@@ -117,7 +120,7 @@ class Device:
     def __call__(self, model) -> float:
         return self.cost(model)
 
-    def compare(self, models, rounds=3):  # the rounds of each figure disagree by ``spread``
+    def compare(self, models, rounds=3, retakes=2):  # the rounds of each figure disagree by ``spread``
         return [(self.cost(m), self.spread) for m in models]
 
 

@@ -103,10 +103,16 @@ def test_the_candidate_measured_slowest_at_or_under_the_aim_is_taken_else_the_fa
     assert steer.pick({10: 0.0490, 20: 0.0490}, aim_s=0.05) == 10     # a tie: the fewer channels
 
 
-def test_probes_bracket_the_aim_by_the_latency_model_and_the_aim_follows_the_plan():
+def test_a_probe_aims_at_the_middle_of_the_band_through_the_last_miss_and_the_aim_follows_the_plan():
     steer = _steer()
-    predict = lambda k: 100.0 - k  # noqa: E731 - one second per channel
-    assert steer.probe_ks(100, predict, aim_s=50.0) == [49, 52, 54]    # 50.0 * (1 + 0.025), (1 - 0.025), (1 - 0.075)
+    assert steer.probe_aim(50.0, []) == pytest.approx(48.75)               # 50 * (1 - 0.05 / 2), model units = 1
+    assert steer.probe_aim(50.0, [(45.0, 54.0)]) == pytest.approx(48.75 * 45.0 / 54.0)  # it measured 20 % over
+    assert steer.in_band(49.0, 50.0) and steer.in_band(47.5, 50.0)
+    assert not steer.in_band(50.1, 50.0) and not steer.in_band(47.4, 50.0)
+    predict = lambda k: 100.0 - k  # noqa: E731 - one predicted second per channel
+    assert steer.next_k(100, predict, 50.0, {}) == 52                          # the model's pick: 48.75 -> k 52
+    assert steer.next_k(100, predict, 50.0, {52: (48.0, 54.0)}) == 57          # aimed through the miss: 43.3
+    assert steer.next_k(100, predict, 50.0, {52: (48.0, 54.0), 57: (43.0, 45.0)}) == 54  # bracketed: bisect
     assert steer.aim_s(epoch=2.0, last_epoch=False) == pytest.approx(75.0)  # half the plan by epoch 2 of 4
     assert steer.aim_s(epoch=2.0, last_epoch=True) == pytest.approx(50.0)   # the target at the end
     steer.observe(predicted_s=60.0, measured_s=66.0)                  # the model reads 10 % low now
@@ -229,16 +235,20 @@ class Device:
     def __call__(self, model) -> float:
         return self.seconds(model)
 
-    def compare(self, models, rounds=3) -> list[tuple[float, float]]:
+    def compare(self, models, rounds=3, retakes=2) -> list[tuple[float, float]]:
         self.compared.append(len(models))
-        return [(self.seconds(m), 0.0) for m in models]
+        return [(self.slower * self.seconds(m), 0.0) for m in models]
+
+    slower = 1.0  # the whole machine this much slower than when the supernet was first measured
 
 
-def test_a_budget_is_met_by_measured_candidates_when_the_model_reads_low(tmp_path):
+def _measured_budget_search(tmp_path, seconds_of_prediction, **overrides):
+    """A ``target_ratio=0.6`` search on the digits supernet whose device runs ``seconds_of_prediction(predicted
+    seconds, the supernet's predicted seconds)`` (exactly, no noise); the budget's start figures are what that
+    device says of the supernet; ``overrides`` set Device attributes afterwards."""
     from dist_hrnas.config import load_config
     from dist_hrnas.models import build_model
     from dist_hrnas.search import Search
-    from dist_hrnas.search.decide import decide_by_measurement
     from tests.conftest import CONFIGS, SEARCH
 
     cfg = load_config(CONFIGS / "digits.yaml", [*SEARCH, "prune.target_ratio=0.6", "prune.budget_tolerance=0.05"])
@@ -246,13 +256,59 @@ def test_a_budget_is_met_by_measured_candidates_when_the_model_reads_low(tmp_pat
     model = build_model(cfg.model)
     search = Search(cfg, model, 16, tmp_path)
     profile = search.profile
-    device = search.network_timer = Device(lambda m: 1.2 * profile.predict_s(m))  # the model reads 20 % low
+    supernet_p = search.supernet_predicted_s
+    device = search.network_timer = Device(lambda m: seconds_of_prediction(profile.predict_s(m), supernet_p))
     supernet_s = device.seconds(model)
     budget = search.budget
     budget.supernet_measured_s, budget.target_s = supernet_s, 0.6 * supernet_s
     budget.points = [(search.supernet_predicted_s, supernet_s)]                    # what the supernet measured
+    for key, value in overrides.items():
+        setattr(device, key, value)
+    return search, model, device
+
+
+def test_a_budget_is_met_by_measured_candidates_when_the_model_reads_low(tmp_path):
+    from dist_hrnas.search.decide import decide_by_measurement
+
+    search, model, device = _measured_budget_search(tmp_path, lambda p, p0: 1.2 * p)  # the model reads 20 % low
+    budget, supernet_s = search.budget, search.budget.supernet_measured_s
     decision = decide_by_measurement(search, model, {}, epoch=7, last_epoch=True)
-    assert device.compared == [1 + len(decision.probes)] and len(decision.probes) >= 2  # now + candidates, 1 round
-    assert decision.due and decision.before_s == pytest.approx(supernet_s)
-    # measured, not predicted: the candidate taken lands at or just under the target, inside the band
-    assert budget.target_s * (1 - 2 * budget.tolerance) <= decision.measured_s <= budget.target_s
+    # the model's pick, mapped by the supernet's measured/predicted ratio, lands in the band: one candidate,
+    # timed with the network now (here the supernet itself, so the budget's reference is not timed twice)
+    assert device.compared == [2] and len(decision.probes) == 1
+    assert decision.due and decision.before_s == pytest.approx(supernet_s) and decision.scale == pytest.approx(1.0)
+    assert budget.in_band(decision.measured_s, budget.target_s)
+
+
+def test_a_landing_that_misses_the_band_is_corrected_by_measured_candidates(tmp_path):
+    """A launch cost the model misses (a constant part) makes small networks slower than the supernet's ratio
+    says: the model's pick measures over the target, and candidates aimed through each miss close in on it."""
+    from dist_hrnas.search.budget import MAX_PROBES
+    from dist_hrnas.search.decide import decide_by_measurement
+
+    search, model, device = _measured_budget_search(tmp_path, lambda p, p0: p + 0.3 * p0)
+    budget = search.budget
+    decision = decide_by_measurement(search, model, {}, epoch=7, last_epoch=True)
+    measured = [seconds for _, seconds in decision.probes]
+    assert 2 <= len(measured) <= MAX_PROBES and measured[0] > budget.target_s      # the model's pick missed
+    assert measured == sorted(measured, reverse=True)                              # each one closer
+    assert decision.due and budget.in_band(decision.measured_s, budget.target_s)   # the last one landed
+
+
+def test_a_ratio_budget_judges_candidates_against_the_supernet_timed_in_the_same_rounds(tmp_path):
+    """The machine is 25 % slower than when the supernet was first measured: the candidate's raw figure is over
+    the target, but the target is a ratio to the supernet, which is timed beside it and reads 25 % slower too."""
+    from dist_hrnas.search.decide import decide_by_measurement
+    from dist_hrnas.search.surgery import shrink_model
+
+    search, model, device = _measured_budget_search(tmp_path, lambda p, p0: 1.2 * p, slower=1.25)
+    name, block = model.named_blocks()[0]
+    shrink_model(model, {name: [torch.arange(w) >= 8 for w in block.widths]})  # the network now is not the supernet
+    search.after_surgery(model, [])
+    budget = search.budget
+    decision = decide_by_measurement(search, model, {}, epoch=7, last_epoch=True)
+    assert device.compared == [3]                                   # the network now, the candidate, the supernet
+    assert decision.scale == pytest.approx(1 / 1.25)                # every figure back in the start's units
+    assert decision.before_s == pytest.approx(1.2 * search.profile.predict_s(model))
+    # taken at or under the target in the start's units; its raw figure (this minute's) is over it
+    assert decision.due and decision.measured_s <= budget.target_s < decision.measured_s / decision.scale
