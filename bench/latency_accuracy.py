@@ -186,7 +186,8 @@ def trajectory(work: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS),
+                        help="configs whose LUT and held-out sub-networks to check (none: --trajectory only)")
     parser.add_argument("--levels", type=int, default=4, help="random shrink levels besides the supernet")
     parser.add_argument("--ops", type=int, default=40, help="LUT ops re-timed for ops_within_10pct")
     parser.add_argument("--seed", type=int, default=0)

@@ -136,12 +136,13 @@ def _budget_candidates(search: "Search", model: HRNet, masks: Masks, epoch: int,
 
     aim = budget.aim_s(epoch + 1.0, last_epoch)
     tried: dict[int, tuple] = {}  # channels taken -> (masks, predicted s, (now s, spread), (after s, spread), scale)
-    for _ in range(MAX_PROBES if aim <= budget.target_s else 1):
+    landing = aim <= budget.target_s
+    for _ in range(MAX_PROBES if landing else 1):
         k = budget.next_k(len(ranked), predict, aim, {k: (t[1], t[3][0]) for k, t in tried.items()})
         candidate = masks_without(base, ranked, k)
         if k in tried or dead_channels(candidate) == 0 or (not tried and not search.due(model, candidate, last_epoch)):
             break
-        tried[k] = (candidate, predict(k), *_timed(search, model, candidate))
+        tried[k] = (candidate, predict(k), *_timed(search, model, candidate, landing))
         if budget.in_band(tried[k][3][0], aim):
             break
     if not tried:
@@ -154,17 +155,21 @@ def _budget_candidates(search: "Search", model: HRNet, masks: Masks, epoch: int,
     return Decision(candidate, True, [], after_s, now_s, probes, scale)
 
 
-def _timed(search: "Search", model: HRNet, candidate: Masks) -> tuple[tuple[float, float], tuple[float, float], float]:
+def _timed(search: "Search", model: HRNet, candidate: Masks,
+           landing: bool = False) -> tuple[tuple[float, float], tuple[float, float], float]:
     """(network now, candidate) end to end, each (seconds, spread of its rounds), timed in the same rounds, and the
-    scale applied to both. With a ``prune.target_ratio`` budget the supernet runs in those rounds too and both
-    figures are scaled by (the supernet's figure at the start) / (its figure now): the target is a ratio to the
-    supernet, and this VM's speed moved 10-17 % between minutes, so a landing judged against a start figure
-    taken minutes before missed by that much."""
+    scale applied to both. At a ``prune.target_ratio`` budget's landing the supernet runs in those rounds too and
+    both figures are scaled by (the supernet's figure at the start) / (its figure now): the target is a ratio to
+    the supernet, and this VM's speed moved 10-17 % between minutes, so a landing judged against a start figure
+    taken minutes before missed by that much. A supernet figure whose rounds disagree beyond
+    ``latency.network_spread`` is not used (scale 1): one disturbed figure must not move the landing. Before the
+    landing only "faster than now" is decided, which needs no reference."""
     archs = [export_arch(model), arch_after_masks(model, candidate)]
-    reference = search.budget_reference_arch()
+    reference = search.budget_reference_arch() if landing else None
     at = None if reference is None else 0 if reference == archs[0] else len(archs)  # the supernet's figure
     if at == len(archs):
         archs.append(reference)
     figures = search.compare_on_rank0(archs, CANDIDATE_ROUNDS, CANDIDATE_RETAKES)
-    scale = 1.0 if at is None else search.budget.supernet_measured_s / figures[at][0]
+    trusted = at is not None and figures[at][1] <= search.cfg.latency.network_spread
+    scale = search.budget.supernet_measured_s / figures[at][0] if trusted else 1.0
     return (figures[0][0] * scale, figures[0][1]), (figures[1][0] * scale, figures[1][1]), scale

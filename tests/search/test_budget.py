@@ -237,21 +237,38 @@ class Device:
 
     def compare(self, models, rounds=3, retakes=2) -> list[tuple[float, float]]:
         self.compared.append(len(models))
-        return [(self.slower * self.seconds(m), 0.0) for m in models]
+        return [(self.slower * self.seconds(m), self.spread) for m in models]
 
     slower = 1.0  # the whole machine this much slower than when the supernet was first measured
+    spread = 0.0  # how far each figure's rounds disagree
 
 
-def _measured_budget_search(tmp_path, seconds_of_prediction, **overrides):
+MEASURED_BUDGET = ["prune.target_ratio=0.6", "prune.budget_tolerance=0.05"]
+
+
+@pytest.fixture(scope="module")
+def even_lut(tmp_path_factory):
+    """An architecture-only LUT (tests/device_lut.py), so the latency model, and with it which candidates exist,
+    is the same however loaded this machine is (a measured LUT moved the candidates' granularity run to run)."""
+    from tests.conftest import CONFIGS, SEARCH
+    from tests.device_lut import BOARD, lut_from_another_machine
+
+    path = lut_from_another_machine(tmp_path_factory.mktemp("lut") / "board.json",
+                                    ["--config", str(CONFIGS / "digits.yaml"), *SEARCH, *MEASURED_BUDGET], even=True)
+    return [f"latency.lut={path}", f"latency.lut_device={BOARD}"]
+
+
+def _measured_budget_search(tmp_path, lut, seconds_of_prediction, **overrides):
     """A ``target_ratio=0.6`` search on the digits supernet whose device runs ``seconds_of_prediction(predicted
     seconds, the supernet's predicted seconds)`` (exactly, no noise); the budget's start figures are what that
-    device says of the supernet; ``overrides`` set Device attributes afterwards."""
+    device says of the supernet; ``overrides`` set Device attributes afterwards. The latency model is ``lut``'s;
+    decide_by_measurement, called directly, measures on the Device whatever the LUT's device."""
     from dist_hrnas.config import load_config
     from dist_hrnas.models import build_model
     from dist_hrnas.search import Search
     from tests.conftest import CONFIGS, SEARCH
 
-    cfg = load_config(CONFIGS / "digits.yaml", [*SEARCH, "prune.target_ratio=0.6", "prune.budget_tolerance=0.05"])
+    cfg = load_config(CONFIGS / "digits.yaml", [*SEARCH, *MEASURED_BUDGET, *lut])
     torch.manual_seed(0)
     model = build_model(cfg.model)
     search = Search(cfg, model, 16, tmp_path)
@@ -267,10 +284,10 @@ def _measured_budget_search(tmp_path, seconds_of_prediction, **overrides):
     return search, model, device
 
 
-def test_a_budget_is_met_by_measured_candidates_when_the_model_reads_low(tmp_path):
+def test_a_budget_is_met_by_measured_candidates_when_the_model_reads_low(tmp_path, even_lut):
     from dist_hrnas.search.decide import decide_by_measurement
 
-    search, model, device = _measured_budget_search(tmp_path, lambda p, p0: 1.2 * p)  # the model reads 20 % low
+    search, model, device = _measured_budget_search(tmp_path, even_lut, lambda p, p0: 1.2 * p)  # the model reads 20 % low
     budget, supernet_s = search.budget, search.budget.supernet_measured_s
     decision = decide_by_measurement(search, model, {}, epoch=7, last_epoch=True)
     # the model's pick, mapped by the supernet's measured/predicted ratio, lands in the band: one candidate,
@@ -280,13 +297,13 @@ def test_a_budget_is_met_by_measured_candidates_when_the_model_reads_low(tmp_pat
     assert budget.in_band(decision.measured_s, budget.target_s)
 
 
-def test_a_landing_that_misses_the_band_is_corrected_by_measured_candidates(tmp_path):
+def test_a_landing_that_misses_the_band_is_corrected_by_measured_candidates(tmp_path, even_lut):
     """A launch cost the model misses (a constant part) makes small networks slower than the supernet's ratio
     says: the model's pick measures over the target, and candidates aimed through each miss close in on it."""
     from dist_hrnas.search.budget import MAX_PROBES
     from dist_hrnas.search.decide import decide_by_measurement
 
-    search, model, device = _measured_budget_search(tmp_path, lambda p, p0: p + 0.3 * p0)
+    search, model, device = _measured_budget_search(tmp_path, even_lut, lambda p, p0: p + 0.3 * p0)
     budget = search.budget
     decision = decide_by_measurement(search, model, {}, epoch=7, last_epoch=True)
     measured = [seconds for _, seconds in decision.probes]
@@ -295,13 +312,13 @@ def test_a_landing_that_misses_the_band_is_corrected_by_measured_candidates(tmp_
     assert decision.due and budget.in_band(decision.measured_s, budget.target_s)   # the last one landed
 
 
-def test_a_ratio_budget_judges_candidates_against_the_supernet_timed_in_the_same_rounds(tmp_path):
+def test_a_ratio_budget_judges_candidates_against_the_supernet_timed_in_the_same_rounds(tmp_path, even_lut):
     """The machine is 25 % slower than when the supernet was first measured: the candidate's raw figure is over
     the target, but the target is a ratio to the supernet, which is timed beside it and reads 25 % slower too."""
     from dist_hrnas.search.decide import decide_by_measurement
     from dist_hrnas.search.surgery import shrink_model
 
-    search, model, device = _measured_budget_search(tmp_path, lambda p, p0: 1.2 * p, slower=1.25)
+    search, model, device = _measured_budget_search(tmp_path, even_lut, lambda p, p0: 1.2 * p, slower=1.25)
     name, block = model.named_blocks()[0]
     shrink_model(model, {name: [torch.arange(w) >= 8 for w in block.widths]})  # the network now is not the supernet
     search.after_surgery(model, [])
@@ -312,3 +329,5 @@ def test_a_ratio_budget_judges_candidates_against_the_supernet_timed_in_the_same
     assert decision.before_s == pytest.approx(1.2 * search.profile.predict_s(model))
     # taken at or under the target in the start's units; its raw figure (this minute's) is over it
     assert decision.due and decision.measured_s <= budget.target_s < decision.measured_s / decision.scale
+    device.spread = 2 * search.cfg.latency.network_spread  # rounds that disagree: the supernet's figure is not used
+    assert decide_by_measurement(search, model, {}, epoch=7, last_epoch=True).scale == 1.0
