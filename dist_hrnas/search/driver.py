@@ -152,6 +152,13 @@ class Search:
         self.candidate_timing_s += time.perf_counter() - start
         return figures
 
+    def measured_without_cut(self, decision: Decision) -> None:
+        """A budget decision that timed the network now and cut nothing: if that figure is at or under the target,
+        the budget is met as it stands (a later re-timing of the same architecture came out under it)."""
+        if self.budget is not None and decision.before_s is not None and decision.before_s <= self.budget.target_s:
+            self.latency_ms_measured = decision.before_s * 1e3
+            self.budget.observe(0.0, decision.before_s)  # 0: no prediction, the units stay as they are
+
     def budget_reference_arch(self) -> dict | None:
         """The supernet, timed beside a budget's candidates when the target is a ratio to it (else None)."""
         if self.budget is None or self.cfg.prune.target_latency_ms is not None:

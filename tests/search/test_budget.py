@@ -331,3 +331,22 @@ def test_a_ratio_budget_judges_candidates_against_the_supernet_timed_in_the_same
     assert decision.due and decision.measured_s <= budget.target_s < decision.measured_s / decision.scale
     device.spread = 2 * search.cfg.latency.network_spread  # rounds that disagree: the supernet's figure is not used
     assert decide_by_measurement(search, model, {}, epoch=7, last_epoch=True).scale == 1.0
+
+
+def test_a_network_that_already_measures_under_the_target_meets_the_budget_without_a_cut(tmp_path, even_lut):
+    """Re-timed for the landing, the network as it is comes out at or under the target (its last figure, taken
+    after its shrink, was over): nothing more is cut, and the budget is met with that figure."""
+    from dist_hrnas.search.decide import decide_by_measurement
+    from dist_hrnas.search.surgery import shrink_model
+
+    search, model, device = _measured_budget_search(tmp_path, even_lut, lambda p, p0: 1.2 * p)
+    name, block = model.named_blocks()[0]
+    shrink_model(model, {name: [torch.arange(w) >= 8 for w in block.widths]})
+    search.after_surgery(model, [])
+    budget, now_s = search.budget, device.seconds(model)
+    budget.target_s = 1.02 * now_s                     # still under the supernet: a valid budget
+    decision = decide_by_measurement(search, model, {}, epoch=7, last_epoch=True)
+    assert not decision.due and decision.before_s == pytest.approx(now_s) and not budget.done
+    assert device.compared == [3]                      # one candidate timed, then no more: the network now is in
+    search.measured_without_cut(decision)
+    assert budget.done and search.latency_ms_measured == pytest.approx(now_s * 1e3)
