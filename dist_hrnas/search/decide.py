@@ -148,9 +148,9 @@ def _budget_candidates(search: "Search", model: HRNet, masks: Masks, epoch: int,
     if not tried:
         return Decision(masks, False)
     probes = [(search.profile.parts(shrunk_view(model, t[0])), t[3][0]) for t in tried.values()]
-    first_now_s, scale = next(iter(tried.values()))[2][0], next(iter(tried.values()))[4]
-    if first_now_s <= budget.target_s:  # the network as it is already measures at or under the target: met
-        return Decision(masks, False, before_s=first_now_s, probes=probes, scale=scale)
+    first = next(iter(tried.values()))
+    if first[2][0] <= budget.target_s:  # the network as it is already measures at or under the target: met
+        return Decision(masks, False, before_s=first[2][0], probes=probes, scale=first[4])
     k = budget.pick({k: t[3][0] for k, t in tried.items()}, aim)
     candidate, _, (now_s, now_spread), (after_s, after_spread), scale = tried[k]
     if after_s >= now_s * (1.0 - required_gain(now_spread, after_spread)):
