@@ -123,6 +123,22 @@ def test_a_probe_aims_at_the_middle_of_the_band_through_the_last_miss_and_the_ai
 
 # ---- the budget in a real (small) search
 
+MEASURED_BUDGET = ["prune.target_ratio=0.6", "prune.budget_tolerance=0.05"]
+
+
+@pytest.fixture(scope="module")
+def even_lut(tmp_path_factory):
+    """An architecture-only LUT (tests/device_lut.py), so the latency model, and with it which candidates exist,
+    is the same however loaded this machine is (a measured LUT moved the candidates' granularity run to run)."""
+    from tests.conftest import CONFIGS, SEARCH
+    from tests.device_lut import BOARD, lut_from_another_machine
+
+    path = lut_from_another_machine(tmp_path_factory.mktemp("lut") / "board.json",
+                                    ["--config", str(CONFIGS / "digits.yaml"), *SEARCH, *MEASURED_BUDGET], even=True)
+    return [f"latency.lut={path}", f"latency.lut_device={BOARD}"]
+
+
+
 def _budget_search(run_dir, *extra: str) -> dict:
     from dist_hrnas import train
     from tests.conftest import CONFIGS, SEARCH
@@ -133,21 +149,15 @@ def _budget_search(run_dir, *extra: str) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
 
-def test_a_budget_search_lands_at_or_under_the_target_and_logs_the_schedule(tmp_path):
+def test_a_budget_search_lands_at_or_under_the_target_and_logs_the_schedule(tmp_path, even_lut):
     from dist_hrnas.metrics import read_scalars, read_tags
 
     # The plan ends at epoch 2 of 4 so the budget is met (and frozen) before the end. The target is another
-    # machine with an architecture-only LUT (tests/device_lut.py): this tests the plan, the controller and the
-    # landing, the same on a loaded machine (where the tiny network's timings scatter by more than the 5 %
-    # tolerance); the measured landing is test_a_budget_is_met_by_measured_candidates_when_the_model_reads_low.
-    from tests.conftest import CONFIGS, SEARCH
-    from tests.device_lut import BOARD, lut_from_another_machine
-
-    lut = lut_from_another_machine(tmp_path / "board.json", ["--config", str(CONFIGS / "digits.yaml"), *SEARCH],
-                                   even=True)
+    # machine with an architecture-only LUT (even_lut): this tests the plan, the controller and the landing, the
+    # same on a loaded machine (where the tiny network's timings scatter by more than the 5 % tolerance); the
+    # measured landing is test_a_budget_is_met_by_measured_candidates_when_the_model_reads_low.
     run = tmp_path / "run"
-    summary = _budget_search(run, "prune.target_ratio=0.7", "prune.epoch_target=2", f"latency.lut={lut}",
-                             f"latency.lut_device={BOARD}")
+    summary = _budget_search(run, "prune.target_ratio=0.7", "prune.epoch_target=2", *even_lut)
     target = summary["target_latency_ms"]
     assert target == pytest.approx(0.7 * summary["latency_ms_supernet"], rel=1e-3)
     assert summary["budget_met"] and summary["latency_ms_searched"] <= target
@@ -243,21 +253,6 @@ class Device:
     spread = 0.0  # how far each figure's rounds disagree
 
 
-MEASURED_BUDGET = ["prune.target_ratio=0.6", "prune.budget_tolerance=0.05"]
-
-
-@pytest.fixture(scope="module")
-def even_lut(tmp_path_factory):
-    """An architecture-only LUT (tests/device_lut.py), so the latency model, and with it which candidates exist,
-    is the same however loaded this machine is (a measured LUT moved the candidates' granularity run to run)."""
-    from tests.conftest import CONFIGS, SEARCH
-    from tests.device_lut import BOARD, lut_from_another_machine
-
-    path = lut_from_another_machine(tmp_path_factory.mktemp("lut") / "board.json",
-                                    ["--config", str(CONFIGS / "digits.yaml"), *SEARCH, *MEASURED_BUDGET], even=True)
-    return [f"latency.lut={path}", f"latency.lut_device={BOARD}"]
-
-
 def _measured_budget_search(tmp_path, lut, seconds_of_prediction, **overrides):
     """A ``target_ratio=0.6`` search on the digits supernet whose device runs ``seconds_of_prediction(predicted
     seconds, the supernet's predicted seconds)`` (exactly, no noise); the budget's start figures are what that
@@ -282,6 +277,15 @@ def _measured_budget_search(tmp_path, lut, seconds_of_prediction, **overrides):
     for key, value in overrides.items():
         setattr(device, key, value)
     return search, model, device
+
+
+def _shrink_first_block(search, model) -> None:
+    """Take 8 channels off every branch of the first block, so the network now is not the supernet."""
+    from dist_hrnas.search.surgery import shrink_model
+
+    name, block = model.named_blocks()[0]
+    shrink_model(model, {name: [torch.arange(w) >= 8 for w in block.widths]})
+    search.after_surgery(model, [])
 
 
 def test_a_budget_is_met_by_measured_candidates_when_the_model_reads_low(tmp_path, even_lut):
@@ -316,12 +320,9 @@ def test_a_ratio_budget_judges_candidates_against_the_supernet_timed_in_the_same
     """The machine is 25 % slower than when the supernet was first measured: the candidate's raw figure is over
     the target, but the target is a ratio to the supernet, which is timed beside it and reads 25 % slower too."""
     from dist_hrnas.search.decide import decide_by_measurement
-    from dist_hrnas.search.surgery import shrink_model
 
     search, model, device = _measured_budget_search(tmp_path, even_lut, lambda p, p0: 1.2 * p, slower=1.25)
-    name, block = model.named_blocks()[0]
-    shrink_model(model, {name: [torch.arange(w) >= 8 for w in block.widths]})  # the network now is not the supernet
-    search.after_surgery(model, [])
+    _shrink_first_block(search, model)                              # the network now is not the supernet
     budget = search.budget
     decision = decide_by_measurement(search, model, {}, epoch=7, last_epoch=True)
     assert device.compared == [3]                                   # the network now, the candidate, the supernet
@@ -337,12 +338,9 @@ def test_a_network_that_already_measures_under_the_target_meets_the_budget_witho
     """Re-timed for the landing, the network as it is comes out at or under the target (its last figure, taken
     after its shrink, was over): nothing more is cut, and the budget is met with that figure."""
     from dist_hrnas.search.decide import decide_by_measurement
-    from dist_hrnas.search.surgery import shrink_model
 
     search, model, device = _measured_budget_search(tmp_path, even_lut, lambda p, p0: 1.2 * p)
-    name, block = model.named_blocks()[0]
-    shrink_model(model, {name: [torch.arange(w) >= 8 for w in block.widths]})
-    search.after_surgery(model, [])
+    _shrink_first_block(search, model)
     budget, now_s = search.budget, device.seconds(model)
     budget.target_s = 1.02 * now_s                     # still under the supernet: a valid budget
     decision = decide_by_measurement(search, model, {}, epoch=7, last_epoch=True)
