@@ -27,6 +27,12 @@ class LatencyConfig:
     network_repeats: int = _f(15, "Timed runs of the whole network (the supernet, after every shrink) per round; "
                                   "the figure is the fastest of 3 rounds' medians (it decides whether a budget "
                                   "is met, and interference only ever slows a round down).")
+    candidate_repeats: int = _f(5, "Timed runs per round when a shrink's candidate is measured against the network "
+                                   "now (3 rounds, each network in its own fresh process, after 2 untimed runs). "
+                                   "Fewer than network_repeats: both are timed in the same rounds, so a slow "
+                                   "spell falls on both and their ratio needs fewer runs than an absolute figure "
+                                   "(on the digits supernet 3 rounds of 5 gave the ratios 2 rounds of 15 gave, "
+                                   "in 0.4x the time).")
     cost: str = _f("average", "Per-channel cost of a branch: average = seconds / width at the supernet (the "
                               "seed's rule); marginal = slope of its latency-vs-width curve at the current width "
                               "(follows the hardware's staircase, refreshed after every shrink); "
@@ -86,6 +92,7 @@ class LatencyConfig:
         positive("latency", "warmup", self.warmup, allow_zero=True)
         positive("latency", "repeats", self.repeats)
         positive("latency", "network_repeats", self.network_repeats)
+        positive("latency", "candidate_repeats", self.candidate_repeats)
         choice("latency", "cost", self.cost, ("average", "marginal", "fixed_plus_marginal"))
         choice("latency", "backend", self.backend, ("torch", "onnxruntime"))
         positive("latency", "width_step", self.width_step)

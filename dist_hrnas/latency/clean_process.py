@@ -80,19 +80,22 @@ class CleanProcessTimer:
         arch = export_arch(model)
         return settled(lambda: self._round(arch), self.cfg)[0]
 
-    def compare(self, models: list[HRNet], rounds: int = NETWORK_ROUNDS,
-                retakes: int = RETAKES) -> list[tuple[float, float]]:
+    def compare(self, models: list[HRNet], rounds: int = NETWORK_ROUNDS, retakes: int = RETAKES,
+                settings: LatencyConfig | None = None) -> list[tuple[float, float]]:
         """Each network's (fastest round, spread), timed in the same rounds (:func:`interleaved`), every round
-        of every network in a fresh child."""
+        of every network in a fresh child; ``settings`` (e.g. a candidate comparison's fewer runs) replace the
+        timer's for these rounds."""
         self.calls += 1
         archs = [export_arch(m) for m in models]
-        return interleaved([lambda a=a: self._round(a) for a in archs], self.cfg, rounds, retakes)
+        fields = self.cfg_fields if settings is None else asdict(settings)
+        return interleaved([lambda a=a: self._round(a, fields) for a in archs], settings or self.cfg, rounds, retakes)
 
-    def _round(self, arch: dict) -> float:
-        """One round of one network, in a fresh child process."""
+    def _round(self, arch: dict, fields: dict | None = None) -> float:
+        """One round of one network, in a fresh child process (timed with ``fields``, the timer's settings when
+        None)."""
         self.children += 1
         receive, send = self._ctx.Pipe(duplex=False)
-        process = self._ctx.Process(target=_time_network, args=(arch, self.cfg_fields, self.image_size, send),
+        process = self._ctx.Process(target=_time_network, args=(arch, fields or self.cfg_fields, self.image_size, send),
                                     name="dist_hrnas-latency", daemon=True)
         process.start()
         send.close()  # the child holds its end; a dead child then reads as end of file, not as silence

@@ -237,7 +237,7 @@ def compare_networks(models: list[HRNet], image_size: int, cfg: LatencyConfig, t
                      retakes: int = RETAKES) -> list[tuple[float, float]]:
     """:func:`interleaved` figures of ``models``: in clean processes when ``network_timer`` can, else here."""
     if network_timer is not None and hasattr(network_timer, "compare"):
-        return network_timer.compare(models, rounds, retakes)
+        return network_timer.compare(models, rounds, retakes, cfg)
     return interleaved([network_round(m, image_size, cfg, timer) for m in models], cfg, rounds, retakes)
 
 

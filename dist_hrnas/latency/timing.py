@@ -4,6 +4,7 @@ and the refusing timer of a run whose target is another machine. What to time li
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import platform
 import statistics
 import time
@@ -146,6 +147,17 @@ def make_timer(cfg: LatencyConfig) -> Timer:
         return NoTiming(cfg)
     return Timer(target_device(cfg), cfg.warmup, cfg.repeats, flush_mb=cfg.flush_cache_mb)
 
+
+
+# A shrink's candidate is timed against the network now in fresh processes, whose first forward pass runs ~30 %
+# slow (oneDNN creates its kernels) and whose second already runs at speed here: two untimed runs suffice.
+CANDIDATE_WARMUP = 2
+
+
+def candidate_settings(cfg: LatencyConfig) -> LatencyConfig:
+    """The settings a shrink's candidate comparison is timed with: ``latency.candidate_repeats`` runs per round
+    after at most CANDIDATE_WARMUP untimed ones (the comparison is a ratio taken in the same rounds)."""
+    return dataclasses.replace(cfg, network_repeats=cfg.candidate_repeats, warmup=min(cfg.warmup, CANDIDATE_WARMUP))
 
 
 class Timed:

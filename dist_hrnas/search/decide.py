@@ -19,8 +19,8 @@ import torch
 from dist_hrnas.models import HRNet, export_arch
 from dist_hrnas.parallel import comm
 from dist_hrnas.search.budget import MAX_PROBES, branch_channels, full_masks, masks_without, ranked_channels
-from dist_hrnas.search.masks import (Masks, arch_after_masks, broadcast_masks, dead_channels, flatten_masks, predict_after_masks,
-                                     shrunk_view, unflatten_masks, whole_branches_only)
+from dist_hrnas.search.masks import (Masks, arch_after_masks, broadcast_masks, dead_channels, flatten_masks,
+                                     predict_after_masks, shrunk_view, unflatten_masks, whole_branches_only)
 
 if TYPE_CHECKING:
     from dist_hrnas.search.driver import Search
@@ -35,10 +35,13 @@ REFUSED_MEASURED_SLOWER = 4  # measured: not faster (nor re-fitted); nothing is 
 # figure moved ~5 % between comparisons, so a 2 % gain inside a 2 % spread re-timed 4.6 % slower afterwards.
 MIN_GAIN = 0.01
 # Candidates and the network now are timed in this many rounds (each network once per round, alternating who
-# goes first; more while they disagree beyond latency.network_spread). Two alternating rounds put each network
-# once first and once second; a single round was not enough here: the first child after training ran up to 30 %
-# slow, and a one-round figure of the network now made candidates look far faster than they re-timed.
-CANDIDATE_ROUNDS = 2
+# goes first; more while they disagree beyond latency.network_spread), each round latency.candidate_repeats runs.
+# Alternating rounds put each network first and second; a single round was not enough here: the first child after
+# training ran up to 30 % slow, and a one-round figure of the network now made candidates look far faster than they
+# re-timed. Three short rounds cost less than two long ones and their fastest is as steady: side by side on the
+# digits supernet (5 comparisons each), 3 x 5 runs gave ratios 0.85-0.93 and 0.62-0.69 for candidates that 2 x 15
+# runs put at 0.85-1.00 and 0.61-0.70, in 6-7 s instead of 13-19 s per comparison.
+CANDIDATE_ROUNDS = 3
 # ... and taken again at most this many times while they disagree (latency.network_spread): a comparison whose
 # rounds still disagree after that refuses by itself (required_gain grows with the spread), and every retake
 # costs the search a few seconds per network (candidate timing was 47 % of a digits search's wall with 2).
@@ -126,7 +129,8 @@ def _confirm(search: "Search", model: HRNet, masks: Masks, epoch: int, last_epoc
 def _budget_candidates(search: "Search", model: HRNet, masks: Masks, epoch: int, last_epoch: bool) -> Decision:
     """The calibrated model's pick for the aim, measured with the network now; at the landing (the aim is the
     target), while the last one missed the band, another aimed through the miss (at most MAX_PROBES). Taken: the
-    slowest measured at or under the aim (the fastest when none is), if it measures faster than the network now."""
+    slowest measured at or under the aim (the fastest when none is), if it measures faster than the network now.
+    Before the landing a pick the model rates less than MEASURABLE_GAIN faster is not timed (the penalty goes on)."""
     budget = search.budget
     base = full_masks(model, {})
     ranked = ranked_channels(branch_channels(model, search.pairs, search.cfg.prune.penalty))
@@ -141,6 +145,8 @@ def _budget_candidates(search: "Search", model: HRNet, masks: Masks, epoch: int,
         k = budget.next_k(len(ranked), predict, aim, {k: (t[1], t[3][0]) for k, t in tried.items()})
         candidate = masks_without(base, ranked, k)
         if k in tried or dead_channels(candidate) == 0 or (not tried and not search.due(model, candidate, last_epoch)):
+            break
+        if not landing and not measurable(search, model, candidate):  # as in _confirm: a gain timing cannot see
             break
         tried[k] = (candidate, predict(k), *_timed(search, model, candidate, landing))
         if budget.in_band(tried[k][3][0], aim) or tried[k][2][0] <= budget.target_s:

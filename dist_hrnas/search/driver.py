@@ -17,6 +17,7 @@ from dist_hrnas.latency import (LatencyProfile, Timer, make_timer, measure_netwo
                                 start_network_timer)
 from dist_hrnas.latency.calibration import Parts
 from dist_hrnas.latency.measure import compare_networks
+from dist_hrnas.latency.timing import candidate_settings
 from dist_hrnas.models import HRNet, count_macs, export_arch, model_from_arch
 from dist_hrnas.names import RunFiles
 from dist_hrnas.parallel import comm
@@ -146,8 +147,9 @@ class Search:
         one's (seconds, spread of its rounds)."""
         start = time.perf_counter()
         models = [model_from_arch(a) for a in archs]
-        figures = compare_networks(models, self.image_size, self.cfg.latency, self.timer or make_timer(self.cfg.latency),
-                                   self.network_timer, rounds, retakes)
+        cfg = candidate_settings(self.cfg.latency)
+        figures = compare_networks(models, self.image_size, cfg, self.timer or make_timer(cfg), self.network_timer,
+                                   rounds, retakes)
         self.candidate_networks_timed += len(archs)
         self.candidate_timing_s += time.perf_counter() - start
         return figures

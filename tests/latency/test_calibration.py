@@ -120,7 +120,7 @@ class Device:
     def __call__(self, model) -> float:
         return self.cost(model)
 
-    def compare(self, models, rounds=3, retakes=2):  # the rounds of each figure disagree by ``spread``
+    def compare(self, models, rounds=3, retakes=2, settings=None):  # the rounds of each figure disagree by ``spread``
         return [(self.cost(m), self.spread) for m in models]
 
 

@@ -26,6 +26,26 @@ def _pid(_arch, _cfg_fields, _image_size, conn) -> None:  # a stand-in child: an
     conn.close()
 
 
+def _repeats(_arch, cfg_fields, _image_size, conn) -> None:  # a stand-in child: answers with the runs it was told
+    conn.send(("ok", float(cfg_fields["network_repeats"])))
+    conn.close()
+
+
+def test_a_comparison_times_its_children_with_the_settings_it_is_given(monkeypatch):
+    """A shrink's candidate comparison passes its own settings (fewer runs per round) to every child."""
+    import dist_hrnas.latency.clean_process as clean_process
+    from dist_hrnas.latency.timing import candidate_settings
+
+    monkeypatch.setattr(clean_process, "_time_network", _repeats)
+    cfg = _cfg("latency.network_repeats=9", "latency.candidate_repeats=4").latency
+    timer = CleanProcessTimer(cfg, 16)
+    timer._ctx = multiprocessing.get_context("spawn")             # the stand-in lives in this test module
+    models = [build_model(_cfg().model)] * 2
+    assert [s for s, _ in timer.compare(models, rounds=1, retakes=0)] == [9.0, 9.0]
+    assert [s for s, _ in timer.compare(models, 1, 0, candidate_settings(cfg))] == [4.0, 4.0]
+    assert timer.children == 4
+
+
 def test_each_network_is_timed_in_its_own_fresh_process():
     cfg = _cfg()
     model = build_model(cfg.model)

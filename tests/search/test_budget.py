@@ -245,8 +245,9 @@ class Device:
     def __call__(self, model) -> float:
         return self.seconds(model)
 
-    def compare(self, models, rounds=3, retakes=2) -> list[tuple[float, float]]:
+    def compare(self, models, rounds=3, retakes=2, settings=None) -> list[tuple[float, float]]:
         self.compared.append(len(models))
+        self.settings = settings
         return [(self.slower * self.seconds(m), self.spread) for m in models]
 
     slower = 1.0  # the whole machine this much slower than when the supernet was first measured
@@ -299,6 +300,25 @@ def test_a_budget_is_met_by_measured_candidates_when_the_model_reads_low(tmp_pat
     assert device.compared == [2] and len(decision.probes) == 1
     assert decision.due and decision.before_s == pytest.approx(supernet_s) and decision.scale == pytest.approx(1.0)
     assert budget.in_band(decision.measured_s, budget.target_s)
+    # a comparison is timed with latency.candidate_repeats runs per round after at most 2 untimed ones
+    assert device.settings.network_repeats == search.cfg.latency.candidate_repeats
+    assert device.settings.warmup == min(search.cfg.latency.warmup, 2)
+
+
+def test_before_the_landing_a_pick_too_close_to_the_network_now_is_not_timed(tmp_path, even_lut, monkeypatch):
+    """Early in a budget search the plan asks for a few percent: a pick the model rates less than MEASURABLE_GAIN
+    faster is not timed (nothing is cut, the penalty goes on); a deeper aim before the landing is timed once."""
+    from dist_hrnas.search.decide import MEASURABLE_GAIN, decide_by_measurement
+
+    search, model, device = _measured_budget_search(tmp_path, even_lut, lambda p, p0: 1.2 * p)
+    budget = search.budget
+    supernet_s = budget.supernet_measured_s
+    for share, timed in ((MEASURABLE_GAIN / 4, []), (3 * MEASURABLE_GAIN, [2])):
+        aim_s = (1.0 - share) * supernet_s                   # where the plan is by this epoch (over the target)
+        monkeypatch.setattr(budget, "aim_s", lambda epoch, last_epoch: aim_s)
+        decision = decide_by_measurement(search, model, {}, epoch=2, last_epoch=False)
+        assert device.compared == timed and decision.due == bool(timed) and len(decision.probes) == len(timed)
+    assert decision.measured_s < supernet_s
 
 
 def test_a_landing_that_misses_the_band_is_corrected_by_measured_candidates(tmp_path, even_lut):
