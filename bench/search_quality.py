@@ -18,7 +18,8 @@ slower are counted on seed 0's rho runs (every shrink re-timed, before against a
 
 Writes ``bench/results/search_quality.json`` and ``bench/results/search_quality_<target>.png``; prints the JSON.
 Runs whose ``summary.json`` exists under ``--work`` are reused, so an interrupted run continues.
-Usage: ``python bench/search_quality.py [--quick] [--seeds N] [--rhos a,b,c,d] [--epochs N]``
+Usage: ``python bench/search_quality.py [--quick] [--seeds N] [--rhos a,b,c,d] [--epochs N] [--modes ...]
+[--targets throughput,latency] [--parts rho,budget]``
 (full: 3 seeds x 4 modes x (4 rhos + budgets) x 2 targets, several hours here; ``--quick``: 1 seed, 2 rhos).
 """
 from __future__ import annotations
@@ -104,8 +105,8 @@ def target_runs(target: str, batch: int, args, modes: list[str]) -> list[dict]:
     """Every search of one target (run or reused), as rows without their re-timed latency yet."""
     work, rows = Path(args.work), []
     lut = work / f"lut_b{batch}.json"  # ops and calibration networks timed once per target
-    budgets = [tightest_ratio(batch) if b == "tightest" else b for b in args.budgets[target]]
-    settings = [("rho", r) for r in args.rhos] + [("budget", b) for b in budgets]
+    budgets = [tightest_ratio(batch) if b == "tightest" else b for b in args.budgets[target] if "budget" in args.parts]
+    settings = [("rho", r) for r in args.rhos] * ("rho" in args.parts) + [("budget", b) for b in budgets]
     for mode in modes:
         for kind, value in settings:
             for seed in range(args.seeds):
@@ -137,7 +138,7 @@ def compare_modes(rows: list[dict], modes: list[str], resamples: int) -> dict:
                             for m, cs in by_mode.items()}, "ratios": {}}
     pairs = [(m, "macs") for m in modes if m != "macs"] + [("seconds_launch", "seconds")]
     for a, b in pairs:
-        if a in by_mode and b in by_mode:
+        if by_mode.get(a) and by_mode.get(b):  # both ran their rho sweep (--parts)
             ca, cb = list(by_mode[a].values()), list(by_mode[b].values())
             ratio, matched = matched_ratio(ca, cb)
             low, high = bootstrap_ratio(ca, cb, resamples)
@@ -208,6 +209,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--rhos", default=RHOS)
     parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--targets", default=",".join(TARGETS), help=f"comma-separated subset of {list(TARGETS)}")
+    parser.add_argument("--parts", default="rho,budget", help="comma-separated subset of rho,budget (the sweep, "
+                        "the budget-matched searches): a long run can be taken part by part, runs are reused")
     parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
     parser.add_argument("--work", default=str(RESULTS / "tmp" / "search_quality"))
     parser.add_argument("--out", default=str(RESULTS / "search_quality.json"))
@@ -217,18 +221,20 @@ def main() -> None:
     if args.quick:
         args.seeds, args.rhos = 1, args.rhos[1:3]
         args.budgets = {"throughput": [0.5], "latency": ["tightest"]}
-    modes = [m for m in args.modes.split(",") if m]
-    unknown = [m for m in modes if m not in MODES]
-    if unknown:
-        parser.error(f"--modes: unknown {unknown}; choose from {list(MODES)}")
+    modes, targets = [m for m in args.modes.split(",") if m], [t for t in args.targets.split(",") if t]
+    args.parts = [p for p in args.parts.split(",") if p]
+    for flag, given, known in (("--modes", modes, MODES), ("--targets", targets, TARGETS),
+                               ("--parts", args.parts, ("rho", "budget"))):
+        if not given or any(g not in known for g in given):
+            parser.error(f"{flag}: {given} is not a non-empty subset of {list(known)}")
     started = time.perf_counter()
     result: dict = {"epochs": args.epochs, "seeds": args.seeds, "rhos": args.rhos, "modes": {m: MODES[m] for m in modes},
-                    "budgets": args.budgets, "targets": {}, "headline_target": HEADLINE}
+                    "budgets": args.budgets, "parts": args.parts, "targets": {}, "headline_target": HEADLINE}
     rises = total = 0
-    for target, batch in TARGETS.items():
-        result["targets"][target], (r, t) = bench_target(target, batch, args, modes)
+    for target in targets:
+        result["targets"][target], (r, t) = bench_target(target, TARGETS[target], args, modes)
         rises, total = rises + r, total + t
-    ratios = result["targets"][HEADLINE]["ratios"]
+    ratios = result["targets"].get(HEADLINE, {}).get("ratios", {})
     seconds = [m for m in SECONDS_MODES if f"{m}_vs_macs" in ratios]
     if seconds:  # the headline: the best seconds variant against macs at the throughput target
         best = min(seconds, key=lambda m: ratios[f"{m}_vs_macs"]["ratio"])
@@ -236,7 +242,8 @@ def main() -> None:
         result["latency_ratio_seconds_vs_macs"] = ratios[f"{best}_vs_macs"]["ratio"]
         result["latency_ratio_seconds_vs_macs_interval_90"] = ratios[f"{best}_vs_macs"]["interval_90"]
         result["matched_val_top1"] = ratios[f"{best}_vs_macs"]["matched_val_top1"]
-    result["batch1_launch_vs_average"] = result["targets"]["latency"]["ratios"].get("seconds_launch_vs_seconds")
+    if "latency" in result["targets"]:
+        result["batch1_launch_vs_average"] = result["targets"]["latency"]["ratios"].get("seconds_launch_vs_seconds")
     result["shrinks_raising_measured_latency"] = {"count": rises, "of": total}
     result["wall_s"] = round(time.perf_counter() - started, 1)
     from dist_hrnas.fileio import atomic_write_json

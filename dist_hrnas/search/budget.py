@@ -33,10 +33,10 @@ if TYPE_CHECKING:
 SCHEDULES = ("linear", "cosine", "exp")
 _EXP_RATE = 3.0  # exp schedule: 95% of the budget pruned by the end, front-loaded
 # Candidates a measured landing (the shrink aimed at the target) times at most: the model's pick, then, while the
-# last one missed the band, one aimed through the miss, or the middle of a bracket (BudgetSteer.next_k). Each
-# costs a few seconds of the search; a secant through a measured point is off by the model's curvature only,
-# so the band is usually reached within two, and the bisection needs one or two more where a jump (a whole
-# branch going) lies across it.
+# last one missed the band, one aimed through the miss, or one between two that bracket it (between, deferring).
+# Each costs a few seconds of the search; a secant through a measured point is off by the model's curvature
+# only, so the band is usually reached within two, and a bracket needs one or two more where a jump (a grid
+# step of a wide branch, a whole branch going) lies across it.
 MAX_PROBES = 4
 
 
@@ -141,6 +141,37 @@ def masks_without(masks: Masks, ranked: Ranked, k: int) -> Masks:
     return out
 
 
+def same_masks(a: Masks, b: Masks) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(x, y) for n in a for x, y in zip(a[n], b[n]))
+
+
+def between(masks: Masks, ranked: Ranked, slow_k: int, fast_k: int) -> tuple[int, int | None]:
+    """Bisection on the ranking between a candidate measured too slow (``slow_k`` channels taken) and one too
+    fast (``fast_k``): (s, k) with k a count whose architecture differs from both (to time), or None when none
+    does. A count giving one end's architecture moves that end untimed (latency depends on the architecture
+    only), so with None, s + 1 is the other end: taking ``ranked[s]`` is the jump (a grid step, or a whole branch)."""
+    s, f = slow_k, fast_k
+    slow, fast = masks_without(masks, ranked, s), masks_without(masks, ranked, f)
+    while f - s > 1:
+        mid = (s + f) // 2
+        taken = masks_without(masks, ranked, mid)
+        if same_masks(taken, slow):
+            s = mid
+        elif same_masks(taken, fast):
+            f = mid
+        else:
+            return s, mid
+    return s, None
+
+
+def deferring(ranked: Ranked, s: int) -> Ranked:
+    """``ranked`` with the channels of ``ranked[s]``'s branch from position ``s`` on moved to the end: candidates
+    along it keep that branch as the first ``s`` leave it and take other branches' channels, so a jump across
+    the band is stepped around, not over."""
+    branch, rest = ranked[s][1], ranked[s:]
+    return ranked[:s] + [t for t in rest if t[1] is not branch] + [t for t in rest if t[1] is branch]
+
+
 def shortest_prefix(n: int, ok: Callable[[int], bool]) -> int:
     """Smallest k in [0, n] with ``ok(k)`` (assumed monotone in k), or n when none is."""
     lo, hi = 0, n
@@ -223,16 +254,17 @@ class BudgetSteer:
         return mid_s * predicted / measured
 
     def next_k(self, n: int, predict: Callable[[int], float], aim_s: float,
-               tried: dict[int, tuple[float, float]]) -> int:
-        """Channels the next measured candidate takes (``tried``: channels -> (predicted, measured) of those timed
-        for this shrink, in order): the model's pick, aimed through the latest miss; once candidates measured
-        on both sides of the band, the middle of the two closest (bisection on the ranking: a whole branch
-        going at once is a jump no model aim steps over)."""
-        slow = [k for k, (_, m) in tried.items() if m > aim_s]
-        fast = [k for k, (_, m) in tried.items() if m < aim_s * (1.0 - self.tolerance)]
-        if slow and fast:
-            return (max(slow) + min(fast)) // 2
-        return self.model_k(n, predict, self.probe_aim(aim_s, list(tried.values())[-1:]))
+               line: dict[int, tuple[float, float]]) -> int:
+        """Channels the next measured candidate takes along a ranking (``line``: channels -> (predicted,
+        measured) of those timed along it, in order): the model's pick, aimed through the latest miss."""
+        return self.model_k(n, predict, self.probe_aim(aim_s, list(line.values())[-1:]))
+
+    def bracket(self, line: dict[int, tuple[float, float]], aim_s: float) -> tuple[int, int] | None:
+        """(most channels measured over the aim, fewest measured under the band) along a ranking, when both
+        exist in that order: the band lies between them (:func:`between` finds a candidate there)."""
+        slow = [k for k, (_, m) in line.items() if m > aim_s]
+        fast = [k for k, (_, m) in line.items() if m < aim_s * (1.0 - self.tolerance)]
+        return (max(slow), min(fast)) if slow and fast and max(slow) < min(fast) else None
 
     def in_band(self, measured_s: float, aim_s: float) -> bool:
         """At or under the aim by at most ``prune.budget_tolerance``."""

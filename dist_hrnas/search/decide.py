@@ -18,7 +18,8 @@ import torch
 
 from dist_hrnas.models import HRNet, export_arch
 from dist_hrnas.parallel import comm
-from dist_hrnas.search.budget import MAX_PROBES, branch_channels, full_masks, masks_without, ranked_channels
+from dist_hrnas.search.budget import (MAX_PROBES, between, branch_channels, deferring, full_masks, masks_without,
+                                     ranked_channels, same_masks)
 from dist_hrnas.search.masks import (Masks, arch_after_masks, broadcast_masks, dead_channels, flatten_masks,
                                      predict_after_masks, shrunk_view, unflatten_masks, whole_branches_only)
 
@@ -128,9 +129,11 @@ def _confirm(search: "Search", model: HRNet, masks: Masks, epoch: int, last_epoc
 
 def _budget_candidates(search: "Search", model: HRNet, masks: Masks, epoch: int, last_epoch: bool) -> Decision:
     """The calibrated model's pick for the aim, measured with the network now; at the landing (the aim is the
-    target), while the last one missed the band, another aimed through the miss (at most MAX_PROBES). Taken: the
-    slowest measured at or under the aim (the fastest when none is), if it measures faster than the network now.
-    Before the landing a pick the model rates less than MEASURABLE_GAIN faster is not timed (the penalty goes on)."""
+    target), while the last one missed the band, another (at most MAX_PROBES): aimed through the miss, or, once
+    two bracket the band, one between them, or past the jump between them along a ranking that defers the
+    jumping branch. Taken: the slowest measured at or under the aim (the fastest when none is), if it measures
+    faster than the network now. Before the landing a pick the model rates less than MEASURABLE_GAIN faster is
+    not timed (the penalty goes on)."""
     budget = search.budget
     base = full_masks(model, {})
     ranked = ranked_channels(branch_channels(model, search.pairs, search.cfg.prune.penalty))
@@ -139,26 +142,35 @@ def _budget_candidates(search: "Search", model: HRNet, masks: Masks, epoch: int,
         return predict_after_masks(search.profile, model, masks_without(base, ranked, n))
 
     aim = budget.aim_s(epoch + 1.0, last_epoch)
-    tried: dict[int, tuple] = {}  # channels taken -> (masks, predicted s, (now s, spread), (after s, spread), scale)
     landing = aim <= budget.target_s
+    timed: list[tuple] = []  # per candidate timed: (masks, (now s, spread), (after s, spread), scale)
+    line: dict[int, tuple[float, float]] = {}  # channels taken along `ranked` -> (predicted, measured)
     for _ in range(MAX_PROBES if landing else 1):
-        k = budget.next_k(len(ranked), predict, aim, {k: (t[1], t[3][0]) for k, t in tried.items()})
+        bracket, k = budget.bracket(line, aim), None
+        if bracket is not None:
+            s, k = between(base, ranked, *bracket)
+            if k is None:  # no candidate between the two: the branch that jumps keeps its width from here
+                ranked, line = deferring(ranked, s), {j: v for j, v in line.items() if j <= s}
+        if k is None:
+            k = budget.next_k(len(ranked), predict, aim, line)
         candidate = masks_without(base, ranked, k)
-        if k in tried or dead_channels(candidate) == 0 or (not tried and not search.due(model, candidate, last_epoch)):
+        if (dead_channels(candidate) == 0 or any(same_masks(candidate, t[0]) for t in timed)
+                or (not timed and not search.due(model, candidate, last_epoch))):
             break
         if not landing and not measurable(search, model, candidate):  # as in _confirm: a gain timing cannot see
             break
-        tried[k] = (candidate, predict(k), *_timed(search, model, candidate, landing))
-        if budget.in_band(tried[k][3][0], aim) or tried[k][2][0] <= budget.target_s:
+        timed.append((candidate, *_timed(search, model, candidate, landing)))
+        line.setdefault(0, (predict(0), timed[0][1][0]))  # the network now: every ranking's first point
+        line[k] = (predict(k), timed[-1][2][0])
+        if budget.in_band(timed[-1][2][0], aim) or timed[-1][1][0] <= budget.target_s:
             break
-    if not tried:
+    if not timed:
         return Decision(masks, False)
-    probes = [(search.profile.parts(shrunk_view(model, t[0])), t[3][0]) for t in tried.values()]
-    first = next(iter(tried.values()))
-    if first[2][0] <= budget.target_s:  # the network as it is already measures at or under the target: met
-        return Decision(masks, False, before_s=first[2][0], probes=probes, scale=first[4])
-    k = budget.pick({k: t[3][0] for k, t in tried.items()}, aim)
-    candidate, _, (now_s, now_spread), (after_s, after_spread), scale = tried[k]
+    probes = [(search.profile.parts(shrunk_view(model, t[0])), t[2][0]) for t in timed]
+    if timed[0][1][0] <= budget.target_s:  # the network as it is already measures at or under the target: met
+        return Decision(masks, False, before_s=timed[0][1][0], probes=probes, scale=timed[0][3])
+    candidate, (now_s, now_spread), (after_s, after_spread), scale = timed[
+        budget.pick({i: t[2][0] for i, t in enumerate(timed)}, aim)]
     if after_s >= now_s * (1.0 - required_gain(now_spread, after_spread)):
         return Decision(masks, False, [REFUSED_MEASURED_SLOWER], before_s=now_s, probes=probes, scale=scale)
     return Decision(candidate, True, [], after_s, now_s, probes, scale)

@@ -121,6 +121,8 @@ def shrink(search: Search, state: TrainState, ctx: comm.DistContext, decision: D
              "measured_before_cut": decision.measured_s is not None}
     if decision.before_s is not None:  # the network before this shrink, re-timed in the same rounds
         extra["latency_ms_measured_before"] = round(decision.before_s * 1e3, 4)
+    if len(decision.probes) > 1:  # a landing that timed several candidates: each one's figure, in timing order
+        extra["candidates_measured_ms"] = [round(seconds * 1e3, 4) for _, seconds in decision.probes]
     if decision.scale != 1.0:  # figures in the units of the start's supernet figure (search.decide._timed)
         extra["latency_scale_to_start"] = round(decision.scale, 5)
     if search.budget is not None:

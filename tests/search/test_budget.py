@@ -96,6 +96,31 @@ def test_channels_are_ranked_by_worth_per_unit_of_the_penalty_cost_and_removed_o
     assert int(masks_without(masks, ranked, 8)["b"][0].sum()) == 0  # a branch may still go whole
 
 
+def test_between_two_candidates_bisects_on_architectures_and_a_jump_is_stepped_around():
+    """Branch a (16-channel grid) goes first, then b (any width). Counts that give an end's architecture are
+    passed over untimed; where none lies between, the jumping branch is deferred and the others go on."""
+    from dist_hrnas.search.budget import between, deferring
+
+    a = BranchChannels("a", 0, torch.full((32,), 0.01), cost_per_channel=1.0, grid=16)
+    b = BranchChannels("b", 0, torch.full((32,), 0.50), cost_per_channel=1.0)
+    ranked = ranked_channels([a, b])
+    masks = {"a": [torch.ones(32, dtype=torch.bool)], "b": [torch.ones(32, dtype=torch.bool)]}
+
+    def widths(k, order=ranked):
+        out = masks_without(masks, order, k)
+        return int(out["a"][0].sum()), int(out["b"][0].sum())
+
+    assert [widths(k) for k in (20, 31, 32, 35, 40)] == [(16, 32), (16, 32), (0, 32), (0, 29), (0, 24)]
+    s, k = between(masks, ranked, 20, 40)                # 30 gives the slow end's architecture: 35 is between
+    assert (s, k) == (30, 35) and widths(k) not in (widths(20), widths(40))
+    s, k = between(masks, ranked, 20, 32)                # 16 -> 0 channels of a is one step: nothing between
+    assert (s, k) == (31, None)
+    deferred = deferring(ranked, s)
+    assert deferred[:s] == ranked[:s] and widths(s, deferred) == widths(s)     # the same up to the jump ...
+    assert widths(s + 4, deferred) == (16, 28)           # ... then a keeps its 16 and b's channels go instead
+    assert widths(64, deferred) == (0, 0)
+
+
 def test_the_candidate_measured_slowest_at_or_under_the_aim_is_taken_else_the_fastest():
     steer = _steer()
     assert steer.pick({10: 0.0512, 20: 0.0498, 30: 0.0480}, aim_s=0.05) == 20
@@ -112,7 +137,9 @@ def test_a_probe_aims_at_the_middle_of_the_band_through_the_last_miss_and_the_ai
     predict = lambda k: 100.0 - k  # noqa: E731 - one predicted second per channel
     assert steer.next_k(100, predict, 50.0, {}) == 52                          # the model's pick: 48.75 -> k 52
     assert steer.next_k(100, predict, 50.0, {52: (48.0, 54.0)}) == 57          # aimed through the miss: 43.3
-    assert steer.next_k(100, predict, 50.0, {52: (48.0, 54.0), 57: (43.0, 45.0)}) == 54  # bracketed: bisect
+    assert steer.bracket({52: (48.0, 54.0)}, 50.0) is None                    # one side only: aim again
+    assert steer.bracket({52: (48.0, 54.0), 57: (43.0, 45.0)}, 50.0) == (52, 57)  # over the aim, under the band
+    assert steer.bracket({52: (48.0, 45.0), 57: (43.0, 54.0)}, 50.0) is None  # noise out of order: no bracket
     assert steer.aim_s(epoch=2.0, last_epoch=False) == pytest.approx(75.0)  # half the plan by epoch 2 of 4
     assert steer.aim_s(epoch=2.0, last_epoch=True) == pytest.approx(50.0)   # the target at the end
     steer.observe(predicted_s=60.0, measured_s=66.0)                  # the model reads 10 % low now
@@ -334,6 +361,48 @@ def test_a_landing_that_misses_the_band_is_corrected_by_measured_candidates(tmp_
     assert 2 <= len(measured) <= MAX_PROBES and measured[0] > budget.target_s      # the model's pick missed
     assert measured == sorted(measured, reverse=True)                              # each one closer
     assert decision.due and budget.in_band(decision.measured_s, budget.target_s)   # the last one landed
+    # every rank cuts the landed candidate; shrinks.jsonl lists what each timed candidate measured, in order
+    from dist_hrnas.metrics import NullWriter
+    from dist_hrnas.parallel.comm import DistContext
+    from dist_hrnas.parallel.rewrap import build_state
+    from dist_hrnas.search.shrink import shrink
+
+    state = build_state(search.cfg, DistContext(), model, 0.01, 10, None)
+    record = shrink(search, state, DistContext(), decision, 7, lambda: [], NullWriter())
+    assert record["candidates_measured_ms"] == [pytest.approx(1e3 * s, abs=1e-4) for s in measured]
+    assert record["latency_ms_measured_after"] == pytest.approx(1e3 * decision.measured_s, abs=1e-4)
+    assert json.loads(search.files.shrinks.read_text().splitlines()[-1]) == record
+
+
+def test_a_jump_across_the_band_is_stepped_around_by_keeping_its_branch(tmp_path, even_lut):
+    """The costliest branch ranks first and goes in one step (its grid is its width): the target lies inside that
+    jump, so no prefix of the ranking measures in the band. The two candidates around the jump are found
+    without timing what lies between (the same architectures), and the ranking goes on with that branch kept,
+    taking other branches' channels until a candidate lands in the band."""
+    from dist_hrnas.search.budget import branch_channels, full_masks, masks_without, ranked_channels
+    from dist_hrnas.search.decide import decide_by_measurement
+    from dist_hrnas.search.masks import predict_after_masks
+
+    search, model, device = _measured_budget_search(tmp_path, even_lut, lambda p, p0: p)  # the model is exact
+    profile, budget = search.profile, search.budget
+    entry, bn = max(search.pairs, key=lambda pair: pair[0].seconds_per_channel * pair[0].width)
+    entry.grid = entry.width                            # it keeps all its channels or none
+    with torch.no_grad():
+        bn.weight.fill_(1e-3)                           # worth least: the ranking takes it first
+    ranked, base = ranked_channels(branch_channels(model, search.pairs, "seconds")), full_masks(model, {})
+    kept = lambda k: int(masks_without(base, ranked, k)[ranked[0][1].block][ranked[0][1].index].sum())  # noqa: E731
+    assert kept(entry.width - 1) == entry.width and kept(entry.width) == 0
+    before, after = (predict_after_masks(profile, model, masks_without(base, ranked, k))
+                     for k in (entry.width - 1, entry.width))
+    budget.tolerance = 0.02                             # a 2 % band: the jump (6 % of this tiny network) is 3 bands
+    assert before - after > 2 * budget.tolerance * before
+    budget.target_s = (before + after) / 2
+    decision = decide_by_measurement(search, model, {}, epoch=7, last_epoch=True)
+    measured = [s for _, s in decision.probes]
+    assert decision.due and budget.in_band(decision.measured_s, budget.target_s)
+    jumping = decision.masks.get(ranked[0][1].block)    # absent: the block keeps every channel
+    assert jumping is None or jumping[ranked[0][1].index].all()       # landed with that branch whole
+    assert len(measured) == 2 and measured[0] < budget.target_s * (1 - budget.tolerance)  # past the jump, then in
 
 
 def test_a_ratio_budget_judges_candidates_against_the_supernet_timed_in_the_same_rounds(tmp_path, even_lut):
