@@ -16,9 +16,9 @@ state, whatever the parent did before. Latency does not depend on weight values,
 (plain data) crosses. A child that dies is an error on the spot, never a hang.
 
 Each child times one round (the median of ``latency.network_repeats`` runs) of one network: a figure is the
-fastest of several rounds, each in its own fresh process, and networks compared with each other (a shrink's
-candidate against the network now) are timed in the same rounds, alternating their order, so a slow spell of
-the machine falls on both.
+fastest of several rounds, each in its own fresh process. Networks compared with each other (a shrink's
+candidate against the network now) each get one fresh child for the comparison, which runs only that network,
+and are timed in the same rounds, alternating their order, so a slow spell of the machine falls on both.
 """
 from __future__ import annotations
 
@@ -46,8 +46,24 @@ def _time_network(arch: dict, cfg_fields: dict, image_size: int, conn: Connectio
         conn.close()
 
 
-def _wait(process, conn: Connection) -> float:
-    """The child's answer; a child that exits without one is an error naming the setting."""
+def _serve_network(arch: dict, cfg_fields: dict, image_size: int, conn: Connection) -> None:  # in the child
+    """Build one network, then time one round of it each time the parent asks, until the parent hangs up."""
+    try:
+        cfg = LatencyConfig(**cfg_fields)
+        take = network_round(model_from_arch(arch), image_size, cfg, make_timer(cfg))
+        conn.send(("ok", 0.0))  # built: the parent starts the next child only now, so none builds while one times
+        while conn.recv():  # the parent closing its end reads as EOFError: done
+            conn.send(("ok", take()))
+    except EOFError:
+        pass
+    except Exception as err:  # noqa: BLE001 - reported to the parent, which raises it
+        conn.send(("error", f"{type(err).__name__}: {err}"))
+    finally:
+        conn.close()
+
+
+def _answer(process, conn: Connection) -> float:
+    """The child's next answer; a child that exits without one is an error naming the setting."""
     while not conn.poll(POLL_S) and process.is_alive():
         pass
     try:
@@ -56,10 +72,40 @@ def _wait(process, conn: Connection) -> float:
         process.join()
         raise UserError(f"the process timing the network exited (code {process.exitcode}) without a result; "
                         f"set latency.clean_process=false to time networks in the training process instead") from None
-    process.join()
     if status != "ok":
+        process.join()
         raise UserError(f"timing the network in a clean process failed: {value}")
     return value
+
+
+def _wait(process, conn: Connection) -> float:
+    """The answer of a child that times one round and exits."""
+    value = _answer(process, conn)
+    process.join()
+    return value
+
+
+class _NetworkProcess:
+    """A fresh child holding one network, timing a round of it whenever asked (:meth:`round`)."""
+
+    def __init__(self, ctx, arch: dict, fields: dict, image_size: int):
+        self.conn, child = ctx.Pipe(duplex=True)
+        self.process = ctx.Process(target=_serve_network, args=(arch, fields, image_size, child),
+                                   name="dist_hrnas-latency", daemon=True)
+        self.process.start()
+        child.close()  # the child holds its end; a dead child then reads as end of file, not as silence
+        _answer(self.process, self.conn)  # built
+
+    def round(self) -> float:
+        self.conn.send(True)
+        return _answer(self.process, self.conn)
+
+    def close(self) -> None:
+        self.conn.close()  # the child's next recv ends it
+        self.process.join(timeout=30)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
 
 
 class CleanProcessTimer:
@@ -72,7 +118,7 @@ class CleanProcessTimer:
             self._ctx.set_forkserver_preload(["dist_hrnas.latency.clean_process"])
         self.cfg, self.cfg_fields, self.image_size = cfg, asdict(cfg), image_size
         self.calls = 0
-        self.children = 0  # rounds timed, one child process each (what the benchmarks count)
+        self.children = 0  # child processes started (what the benchmarks count)
 
     def __call__(self, model: HRNet) -> float:
         """End-to-end seconds of ``model``'s architecture: the fastest of its rounds, each in a fresh child."""
@@ -82,13 +128,21 @@ class CleanProcessTimer:
 
     def compare(self, models: list[HRNet], rounds: int = NETWORK_ROUNDS, retakes: int = RETAKES,
                 settings: LatencyConfig | None = None) -> list[tuple[float, float]]:
-        """Each network's (fastest round, spread), timed in the same rounds (:func:`interleaved`), every round
-        of every network in a fresh child; ``settings`` (e.g. a candidate comparison's fewer runs) replace the
-        timer's for these rounds."""
+        """Each network's (fastest round, spread), timed in the same rounds (:func:`interleaved`). Each network
+        lives in a fresh child of its own for the comparison, which runs nothing else and times a round when
+        asked: a child per round paid its start (~0.5 s) every round, more than a round of a small network.
+        ``settings`` (e.g. a candidate comparison's fewer runs) replace the timer's for these rounds."""
         self.calls += 1
-        archs = [export_arch(m) for m in models]
         fields = self.cfg_fields if settings is None else asdict(settings)
-        return interleaved([lambda a=a: self._round(a, fields) for a in archs], settings or self.cfg, rounds, retakes)
+        workers: list[_NetworkProcess] = []
+        try:
+            for model in models:
+                workers.append(_NetworkProcess(self._ctx, export_arch(model), fields, self.image_size))
+                self.children += 1
+            return interleaved([w.round for w in workers], settings or self.cfg, rounds, retakes)
+        finally:
+            for worker in workers:
+                worker.close()
 
     def _round(self, arch: dict, fields: dict | None = None) -> float:
         """One round of one network, in a fresh child process (timed with ``fields``, the timer's settings when

@@ -8,7 +8,8 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from dist_hrnas.latency.clean_process import CleanProcessTimer, _time_network, _wait, start_network_timer
+from dist_hrnas.latency.clean_process import (CleanProcessTimer, _NetworkProcess, _time_network, _wait,
+                                              start_network_timer)
 from dist_hrnas.config import load_config
 from dist_hrnas.errors import UserError
 from dist_hrnas.models import build_model
@@ -26,24 +27,31 @@ def _pid(_arch, _cfg_fields, _image_size, conn) -> None:  # a stand-in child: an
     conn.close()
 
 
-def _repeats(_arch, cfg_fields, _image_size, conn) -> None:  # a stand-in child: answers with the runs it was told
-    conn.send(("ok", float(cfg_fields["network_repeats"])))
+def _serve_answers(_arch, cfg_fields, _image_size, conn) -> None:  # a stand-in network child
+    conn.send(("ok", 0.0))                                         # built
+    while conn.recv():                                             # each round: (its pid, the runs it was told)
+        conn.send(("ok", float(os.getpid()) + cfg_fields["network_repeats"] / 100))
     conn.close()
 
 
-def test_a_comparison_times_its_children_with_the_settings_it_is_given(monkeypatch):
-    """A shrink's candidate comparison passes its own settings (fewer runs per round) to every child."""
+def test_a_comparison_gives_each_network_one_fresh_process_and_its_settings(monkeypatch):
+    """Every network of a comparison lives in a new child of its own for all its rounds; the comparison's own
+    settings (a shrink's candidate: fewer runs per round) reach every child."""
     import dist_hrnas.latency.clean_process as clean_process
     from dist_hrnas.latency.timing import candidate_settings
 
-    monkeypatch.setattr(clean_process, "_time_network", _repeats)
-    cfg = _cfg("latency.network_repeats=9", "latency.candidate_repeats=4").latency
+    monkeypatch.setattr(clean_process, "_serve_network", _serve_answers)
+    cfg = _cfg("latency.network_repeats=9", "latency.candidate_repeats=4", "latency.network_spread=1e9").latency
     timer = CleanProcessTimer(cfg, 16)
     timer._ctx = multiprocessing.get_context("spawn")             # the stand-in lives in this test module
     models = [build_model(_cfg().model)] * 2
-    assert [s for s, _ in timer.compare(models, rounds=1, retakes=0)] == [9.0, 9.0]
-    assert [s for s, _ in timer.compare(models, 1, 0, candidate_settings(cfg))] == [4.0, 4.0]
-    assert timer.children == 4
+    figures = timer.compare(models, rounds=3, retakes=0)
+    pids = {int(seconds) for seconds, _ in figures}
+    assert len(pids) == 2 and os.getpid() not in pids and all(spread == 0 for _, spread in figures)
+    assert all(round(seconds % 1, 2) == 0.09 for seconds, _ in figures)
+    again = timer.compare(models, 1, 0, candidate_settings(cfg))
+    assert all(round(seconds % 1, 2) == 0.04 for seconds, _ in again) and not pids & {int(s) for s, _ in again}
+    assert timer.children == 4 and not multiprocessing.active_children()   # every child has been joined
 
 
 def test_each_network_is_timed_in_its_own_fresh_process():
@@ -54,6 +62,8 @@ def test_each_network_is_timed_in_its_own_fresh_process():
     name, block = model.named_blocks()[-1]
     shrink_model(model, {name: [torch.arange(b.hidden) < 1 for b in block.branches]})
     assert 0 < timer(model) and 0 < supernet_s and timer.calls == 2
+    figures = timer.compare([build_model(cfg.model), model], rounds=2, retakes=0)   # the same, side by side
+    assert len(figures) == 2 and all(seconds > 0 and spread >= 0 for seconds, spread in figures)
     assert not multiprocessing.active_children()                   # every child has been joined
 
 
@@ -81,6 +91,9 @@ def test_a_child_that_dies_or_fails_is_an_error_naming_the_setting_not_a_hang():
     send.close()
     with pytest.raises(UserError, match="timing the network in a clean process failed: "):
         _wait(failing, receive)
+    timer = CleanProcessTimer(_cfg().latency, 16)
+    with pytest.raises(UserError, match="timing the network in a clean process failed: "):
+        _NetworkProcess(timer._ctx, {"not": "an architecture"}, timer.cfg_fields, 16)  # a comparison's child
 
 
 def test_a_search_times_the_supernet_in_a_clean_process_unless_told_not_to(tmp_path):

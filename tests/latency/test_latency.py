@@ -214,8 +214,11 @@ def test_profile_cli_writes_a_lut_that_training_uses_without_timing_ops(tmp_path
     real_call = Timer.__call__
     monkeypatch.setattr(Timer, "__call__", lambda self, fn, **kw: (timed.append(fn.what), real_call(self, fn, **kw))[1])
     run_dir = tmp_path / "run"
-    # Networks timed in this process (not in clean child processes), so that this timer sees every timing.
-    assert train.main([*args, f"latency.lut={lut}", f"log.run_dir={run_dir}", "latency.clean_process=false"]) == 0
+    # Networks timed in this process (not in clean child processes), so that this timer sees every timing; the
+    # calibrated model decides the shrink (measuring its candidate could refuse it on a loaded machine, and then
+    # there is no shrink to check: measured shrinks have their own tests).
+    assert train.main([*args, f"latency.lut={lut}", f"log.run_dir={run_dir}", "latency.clean_process=false",
+                       "prune.measure_before_cut=false"]) == 0
     assert set(timed) == {"network"} and len(timed) >= 2  # start + each shrink; no op, fixed part or join
     rec = json.loads((run_dir / "shrinks.jsonl").read_text().splitlines()[-1])
     assert rec["latency_ms_predicted_after"] > 0 and rec["latency_ms_measured_after"] > 0
