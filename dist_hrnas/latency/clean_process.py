@@ -144,12 +144,11 @@ class CleanProcessTimer:
             for worker in workers:
                 worker.close()
 
-    def _round(self, arch: dict, fields: dict | None = None) -> float:
-        """One round of one network, in a fresh child process (timed with ``fields``, the timer's settings when
-        None)."""
+    def _round(self, arch: dict) -> float:
+        """One round of one network, in a fresh child process."""
         self.children += 1
         receive, send = self._ctx.Pipe(duplex=False)
-        process = self._ctx.Process(target=_time_network, args=(arch, fields or self.cfg_fields, self.image_size, send),
+        process = self._ctx.Process(target=_time_network, args=(arch, self.cfg_fields, self.image_size, send),
                                     name="dist_hrnas-latency", daemon=True)
         process.start()
         send.close()  # the child holds its end; a dead child then reads as end of file, not as silence
