@@ -18,6 +18,7 @@ from dist_hrnas.parallel.rewrap import build_state
 from dist_hrnas.parallel.comm import DistContext
 from dist_hrnas.search.surgery import carry_optimizer_state, shrink_model
 from tests.conftest import CONFIGS, SEARCH, TINY_MODEL
+from tests.device_lut import BOARD, lut_from_another_machine
 
 class Interrupt(Exception):
     pass
@@ -91,7 +92,11 @@ def test_one_shrink_and_one_resume_keep_the_format(tmp_path, monkeypatch, channe
     fmt = memory_format(channels_last)
     run_dir = tmp_path / "run"
     args = ["--config", str(CONFIGS / "digits.yaml"), *SEARCH, "train.epochs=3", "train.ema_decay=0.9",
-            "latency.clean_process=false", f"train.channels_last={channels_last}", f"log.run_dir={run_dir}"]
+            "latency.clean_process=false", f"train.channels_last={channels_last}"]
+    # What is checked is the format, not the decision: the shrink must come before the interruption however
+    # loaded the machine is, so the model decides from a LUT that depends on the architecture only.
+    lut = lut_from_another_machine(tmp_path / "board.json", args, even=True)
+    args += [f"latency.lut={lut}", f"latency.lut_device={BOARD}", f"log.run_dir={run_dir}"]
     seen: list[tuple[int, int, list[str]]] = []
     real = train.train_one_epoch
 
