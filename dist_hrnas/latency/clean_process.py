@@ -15,9 +15,9 @@ anything (``forkserver``; ``spawn`` where that does not exist): every figure com
 state, whatever the parent did before. Latency does not depend on weight values, so only the architecture
 (plain data) crosses. A child that dies is an error on the spot, never a hang.
 
-Each child times one round (the median of ``latency.network_repeats`` runs) of one network: a figure is the
-fastest of several rounds, each in its own fresh process. Networks compared with each other (a shrink's
-candidate against the network now) each get one fresh child for the comparison, which runs only that network,
+A child builds one network and times rounds of it when asked (a round: the median of
+``latency.network_repeats`` runs). A figure alone is the fastest of several rounds, each in its own fresh
+child. Networks compared with each other (a shrink's candidate against the network now) each get one fresh child for the comparison, which runs only that network,
 and are timed in the same rounds, alternating their order, so a slow spell of the machine falls on both.
 """
 from __future__ import annotations
@@ -34,16 +34,6 @@ from dist_hrnas.models import HRNet, export_arch, model_from_arch
 from dist_hrnas.latency.timing import make_timer
 
 POLL_S = 2.0  # how often a waiting parent checks that the child is still alive
-
-
-def _time_network(arch: dict, cfg_fields: dict, image_size: int, conn: Connection) -> None:  # in the child
-    try:
-        cfg = LatencyConfig(**cfg_fields)
-        conn.send(("ok", network_round(model_from_arch(arch), image_size, cfg, make_timer(cfg))()))
-    except Exception as err:  # noqa: BLE001 - reported to the parent, which raises it
-        conn.send(("error", f"{type(err).__name__}: {err}"))
-    finally:
-        conn.close()
 
 
 def _serve_network(arch: dict, cfg_fields: dict, image_size: int, conn: Connection) -> None:  # in the child
@@ -75,13 +65,6 @@ def _answer(process, conn: Connection) -> float:
     if status != "ok":
         process.join()
         raise UserError(f"timing the network in a clean process failed: {value}")
-    return value
-
-
-def _wait(process, conn: Connection) -> float:
-    """The answer of a child that times one round and exits."""
-    value = _answer(process, conn)
-    process.join()
     return value
 
 
@@ -147,15 +130,11 @@ class CleanProcessTimer:
     def _round(self, arch: dict) -> float:
         """One round of one network, in a fresh child process."""
         self.children += 1
-        receive, send = self._ctx.Pipe(duplex=False)
-        process = self._ctx.Process(target=_time_network, args=(arch, self.cfg_fields, self.image_size, send),
-                                    name="dist_hrnas-latency", daemon=True)
-        process.start()
-        send.close()  # the child holds its end; a dead child then reads as end of file, not as silence
+        worker = _NetworkProcess(self._ctx, arch, self.cfg_fields, self.image_size)
         try:
-            return _wait(process, receive)
+            return worker.round()
         finally:
-            receive.close()
+            worker.close()
 
 
 def start_network_timer(cfg: LatencyConfig, image_size: int) -> CleanProcessTimer | None:

@@ -3,13 +3,11 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from dataclasses import asdict
 
 import pytest
 import torch
 
-from dist_hrnas.latency.clean_process import (CleanProcessTimer, _NetworkProcess, _time_network, _wait,
-                                              start_network_timer)
+from dist_hrnas.latency.clean_process import CleanProcessTimer, _NetworkProcess, start_network_timer
 from dist_hrnas.config import load_config
 from dist_hrnas.errors import UserError
 from dist_hrnas.models import build_model
@@ -20,11 +18,6 @@ from tests.conftest import CONFIGS, SEARCH
 
 def _cfg(*extra: str):
     return load_config(CONFIGS / "digits.yaml", [*SEARCH, *extra])
-
-
-def _pid(_arch, _cfg_fields, _image_size, conn) -> None:  # a stand-in child: answers with its process id
-    conn.send(("ok", float(os.getpid())))
-    conn.close()
 
 
 def _serve_answers(_arch, cfg_fields, _image_size, conn) -> None:  # a stand-in network child
@@ -70,30 +63,28 @@ def test_each_network_is_timed_in_its_own_fresh_process():
 def test_children_are_new_processes_every_time(monkeypatch):
     import dist_hrnas.latency.clean_process as clean_process
 
-    monkeypatch.setattr(clean_process, "_time_network", _pid)
+    monkeypatch.setattr(clean_process, "_serve_network", _serve_answers)
     timer = CleanProcessTimer(_cfg("latency.network_spread=1e9").latency, 16)     # pids as seconds: no retakes
     timer._ctx = multiprocessing.get_context("spawn")             # the stand-in lives in this test module
-    pids = {timer(build_model(_cfg().model)) for _ in range(2)}
-    assert len(pids) == 2 and os.getpid() not in pids
+    pids = {int(timer(build_model(_cfg().model))) for _ in range(2)}
+    assert len(pids) == 2 and os.getpid() not in pids and not multiprocessing.active_children()
 
 
-def test_a_child_that_dies_or_fails_is_an_error_naming_the_setting_not_a_hang():
-    ctx = multiprocessing.get_context("spawn")
-    receive, send = ctx.Pipe(duplex=False)
-    dead = ctx.Process(target=os._exit, args=(3,))                 # exits without answering
-    dead.start()
-    send.close()
-    with pytest.raises(UserError, match=r"exited \(code 3\).*latency.clean_process=false"):
-        _wait(dead, receive)
-    receive, send = ctx.Pipe(duplex=False)
-    failing = ctx.Process(target=_time_network, args=({"not": "an architecture"}, asdict(_cfg().latency), 16, send))
-    failing.start()
-    send.close()
-    with pytest.raises(UserError, match="timing the network in a clean process failed: "):
-        _wait(failing, receive)
+def _exit_3(*_args) -> None:  # a stand-in network child that dies without answering
+    os._exit(3)
+
+
+def test_a_child_that_dies_or_fails_is_an_error_naming_the_setting_not_a_hang(monkeypatch):
+    import dist_hrnas.latency.clean_process as clean_process
+
     timer = CleanProcessTimer(_cfg().latency, 16)
     with pytest.raises(UserError, match="timing the network in a clean process failed: "):
-        _NetworkProcess(timer._ctx, {"not": "an architecture"}, timer.cfg_fields, 16)  # a comparison's child
+        _NetworkProcess(timer._ctx, {"not": "an architecture"}, timer.cfg_fields, 16)
+    monkeypatch.setattr(clean_process, "_serve_network", _exit_3)
+    timer._ctx = multiprocessing.get_context("spawn")             # the stand-in lives in this test module
+    with pytest.raises(UserError, match=r"exited \(code 3\).*latency.clean_process=false"):
+        timer(build_model(_cfg().model))
+    assert not multiprocessing.active_children()
 
 
 def test_a_search_times_the_supernet_in_a_clean_process_unless_told_not_to(tmp_path):
