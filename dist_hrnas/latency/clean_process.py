@@ -17,8 +17,9 @@ state, whatever the parent did before. Latency does not depend on weight values,
 
 A child builds one network and times rounds of it when asked (a round: the median of
 ``latency.network_repeats`` runs). A figure alone is the fastest of several rounds, each in its own fresh
-child. Networks compared with each other (a shrink's candidate against the network now) each get one fresh child for the comparison, which runs only that network,
-and are timed in the same rounds, alternating their order, so a slow spell of the machine falls on both.
+child. Networks compared with each other (a shrink's candidate against the network now) each get one fresh
+child for the comparison, which runs only that network, and are timed in the same rounds, alternating their
+order, so a slow spell of the machine falls on both.
 """
 from __future__ import annotations
 
