@@ -42,6 +42,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 from bench.quality_stats import Cell, bootstrap_ratio, cell_means, matched_ratio, pareto, summarise_cell  # noqa: E402
 from bench.retime import retimed_run  # noqa: E402
 from dist_hrnas.config import load_config  # noqa: E402
+from dist_hrnas.fileio import atomic_write_json  # noqa: E402
 from dist_hrnas.latency import CleanProcessTimer  # noqa: E402
 from dist_hrnas.models import build_model, export_arch, load_arch_file, model_from_arch  # noqa: E402
 
@@ -95,17 +96,24 @@ def retime_ms(archs: list[dict], batch: int) -> list[float]:
     return [s * 1e3 for s, _ in timer.compare([model_from_arch(a) for a in archs])]
 
 
-def tightest_ratio(batch: int) -> float:
+def tightest_ratio(batch: int, work: Path) -> float:
+    """The tightest budget at ``batch``, measured once per work folder: a second measurement could round to
+    another ratio and so name other run folders, and the finished runs would not be reused."""
+    cached = work / f"tightest_b{batch}.json"
+    if cached.exists():
+        return json.loads(cached.read_text())["target_ratio"]
     supernet, floor = floor_arch(batch)
     super_ms, floor_ms = retime_ms([supernet, floor], batch)
-    return math.ceil((floor_ms / super_ms + FLOOR_MARGIN) * 20) / 20
+    ratio = math.ceil((floor_ms / super_ms + FLOOR_MARGIN) * 20) / 20
+    atomic_write_json(cached, {"target_ratio": ratio, "supernet_ms": round(super_ms, 4), "floor_ms": round(floor_ms, 4)})
+    return ratio
 
 
 def target_runs(target: str, batch: int, args, modes: list[str]) -> list[dict]:
     """Every search of one target (run or reused), as rows without their re-timed latency yet."""
     work, rows = Path(args.work), []
     lut = work / f"lut_b{batch}.json"  # ops and calibration networks timed once per target
-    budgets = [tightest_ratio(batch) if b == "tightest" else b for b in args.budgets[target] if "budget" in args.parts]
+    budgets = [tightest_ratio(batch, work) if b == "tightest" else b for b in args.budgets[target] if "budget" in args.parts]
     settings = [("rho", r) for r in args.rhos] * ("rho" in args.parts) + [("budget", b) for b in budgets]
     for mode in modes:
         for kind, value in settings:
@@ -169,10 +177,16 @@ def plot(target: str, batch: int, result: dict, path: Path) -> None:
     for (mode, rows), marker in zip(result["cells"].items(), "osd^v"):
         ax.errorbar([r["latency_ms"] for r in rows], [r["val_top1"] for r in rows], marker=marker, capsize=3,
                     xerr=[r["latency_ms_se"] for r in rows], yerr=[r["val_top1_se"] for r in rows], label=mode)
+    for (ratio, entry), marker in zip(result["budgets"].items(), "*PX"):
+        for i, mode in enumerate(result["cells"]):
+            if entry.get(mode):  # budget runs: the mode's colour, one marker per target_ratio
+                cell = entry[mode]
+                ax.errorbar(cell["latency_ms"], cell["val_top1"], xerr=cell["latency_ms_se"], yerr=cell["val_top1_se"],
+                            marker=marker, ms=9, color=f"C{i}", capsize=2, ls="none", label=f"{mode}, budget {ratio}")
     ax.axvline(result["floor_ms"], color="grey", ls=":", label="floor (no prunable branch)")
     ax.set_xlabel(f"re-timed latency on CPU, batch {batch} (ms)")
     ax.set_ylabel("validation top-1 (mean over seeds)")
-    ax.set_title(f"digits search, {target} target (rho sweep)")
+    ax.set_title(f"digits search, {target} target (lines: rho; markers: budgets)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -196,7 +210,8 @@ def bench_target(target: str, batch: int, args, modes: list[str]) -> tuple[dict,
             rises, total = rises + sum(s["raises_latency"] for s in shrinks), total + len(shrinks)
     result = {"latency_batch_size": batch, "supernet_ms": round(ms[0], 4), "floor_ms": round(ms[1], 4),
               **compare_modes(rows, modes, args.resamples), "budgets": budget_table(rows, modes, ms[0]), "runs": rows}
-    png = RESULTS / f"search_quality_{target}.png"
+    out = Path(args.out)
+    png = out.with_name(f"{out.stem}_{target}.png")  # the default --out gives search_quality_<target>.png
     plot(target, batch, result, png)
     result["plot"] = os.path.relpath(png, ROOT)
     return result, (rises, total)
@@ -246,8 +261,6 @@ def main() -> None:
         result["batch1_launch_vs_average"] = result["targets"]["latency"]["ratios"].get("seconds_launch_vs_seconds")
     result["shrinks_raising_measured_latency"] = {"count": rises, "of": total}
     result["wall_s"] = round(time.perf_counter() - started, 1)
-    from dist_hrnas.fileio import atomic_write_json
-
     atomic_write_json(Path(args.out), result)
     print(json.dumps(result, indent=2))
 
