@@ -26,11 +26,12 @@ from __future__ import annotations
 import multiprocessing
 from dataclasses import asdict
 from multiprocessing.connection import Connection
+from typing import Callable
 
 from dist_hrnas.parallel import comm
 from dist_hrnas.config import LatencyConfig
 from dist_hrnas.errors import UserError
-from dist_hrnas.latency.measure import NETWORK_ROUNDS, RETAKES, interleaved, network_round, settled
+from dist_hrnas.latency.measure import NETWORK_ROUNDS, RETAKES, Figures, interleaved, network_round, settled
 from dist_hrnas.models import HRNet, export_arch, model_from_arch
 from dist_hrnas.latency.timing import make_timer
 
@@ -111,11 +112,12 @@ class CleanProcessTimer:
         return settled(lambda: self._round(arch), self.cfg)[0]
 
     def compare(self, models: list[HRNet], rounds: int = NETWORK_ROUNDS, retakes: int = RETAKES,
-                settings: LatencyConfig | None = None) -> list[tuple[float, float]]:
+                settings: LatencyConfig | None = None, decided: Callable[[Figures], bool] | None = None) -> Figures:
         """Each network's (fastest round, spread), timed in the same rounds (:func:`interleaved`). Each network
         lives in a fresh child of its own for the comparison, which runs nothing else and times a round when
         asked: a child per round paid its start (~0.5 s) every round, more than a round of a small network.
-        ``settings`` (e.g. a candidate comparison's fewer runs) replace the timer's for these rounds."""
+        ``settings`` (e.g. a candidate comparison's fewer runs) replace the timer's for these rounds; ``decided``
+        as in :func:`interleaved`."""
         self.calls += 1
         fields = self.cfg_fields if settings is None else asdict(settings)
         workers: list[_NetworkProcess] = []
@@ -123,7 +125,7 @@ class CleanProcessTimer:
             for model in models:
                 workers.append(_NetworkProcess(self._ctx, export_arch(model), fields, self.image_size))
                 self.children += 1
-            return interleaved([w.round for w in workers], settings or self.cfg, rounds, retakes)
+            return interleaved([w.round for w in workers], settings or self.cfg, rounds, retakes, decided)
         finally:
             for worker in workers:
                 worker.close()

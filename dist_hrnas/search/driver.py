@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -16,7 +17,7 @@ from dist_hrnas.fileio import atomic_write_text
 from dist_hrnas.latency import (LatencyProfile, Timer, make_timer, measure_network_on_rank0, profile_on_rank0,
                                 start_network_timer)
 from dist_hrnas.latency.calibration import Parts
-from dist_hrnas.latency.measure import compare_networks
+from dist_hrnas.latency.measure import Figures, compare_networks
 from dist_hrnas.latency.timing import candidate_settings
 from dist_hrnas.models import HRNet, count_macs, export_arch, model_from_arch
 from dist_hrnas.names import RunFiles
@@ -141,15 +142,16 @@ class Search:
             return decide_by_model(self, model, masks, epoch, last_epoch)
         return decide_by_measurement(self, model, masks, epoch, last_epoch)
 
-    def compare_on_rank0(self, archs: list[dict], rounds: int, retakes: int) -> list[tuple[float, float]]:
+    def compare_on_rank0(self, archs: list[dict], rounds: int, retakes: int,
+                         decided: Callable[[Figures], bool] | None = None) -> Figures:
         """Rank 0 times ``archs`` end to end in the same ``rounds`` (fresh processes unless
-        ``latency.clean_process=false``; at most ``retakes`` more sets of rounds while they disagree): each
-        one's (seconds, spread of its rounds)."""
+        ``latency.clean_process=false``; at most ``retakes`` more sets of rounds while they disagree and
+        ``decided`` does not hold): each one's (seconds, spread of its rounds)."""
         start = time.perf_counter()
         models = [model_from_arch(a) for a in archs]
         cfg = candidate_settings(self.cfg.latency)
         figures = compare_networks(models, self.image_size, cfg, self.timer or make_timer(cfg), self.network_timer,
-                                   rounds, retakes)
+                                   rounds, retakes, decided)
         self.candidate_networks_timed += len(archs)
         self.candidate_timing_s += time.perf_counter() - start
         return figures

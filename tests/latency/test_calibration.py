@@ -93,6 +93,28 @@ def test_candidates_are_compared_in_two_alternating_rounds_and_retaken_while_the
     assert capped == [(1.0, pytest.approx(0.3)), (1.0, 0.0)]
 
 
+def test_a_comparison_whose_figures_already_decide_takes_no_retake():
+    from dist_hrnas.search.decide import _settled
+
+    cfg = load_config(CONFIGS / "digits.yaml", ["latency.network_spread=0.05"]).latency
+
+    def compare(now: list[float], cand: list[float]) -> tuple[list, int]:
+        figures, taken = (iter(now), iter(cand)), []
+        out = interleaved([lambda: taken.append(1) or next(figures[0]), lambda: taken.append(1) or next(figures[1])],
+                          cfg, rounds=3, retakes=1, decided=_settled)
+        return out, len(taken) // 2
+
+    # rounds disagree by 10 %, but the candidate is 40 % faster: taken beyond both spreads, no retake
+    out, rounds = compare([1.0, 1.1, 1.0, 9.0, 9.0, 9.0], [0.6, 0.66, 0.6, 9.0, 9.0, 9.0])
+    assert rounds == 3 and out[1][0] == 0.6 and _settled(out)
+    # slower than the network now: settled too (no retake can make it pass)
+    out, rounds = compare([1.0, 1.1, 1.0, 9.0, 9.0, 9.0], [1.2, 1.1, 1.1, 9.0, 9.0, 9.0])
+    assert rounds == 3
+    # 8 % faster inside 10 % + 10 % of spread: undecided, so the rounds are taken again (and agree then)
+    out, rounds = compare([1.0, 1.1, 1.0, 1.0, 1.0, 1.0], [0.92, 1.012, 0.92, 0.92, 0.92, 0.92])
+    assert rounds == 6 and out[1] == (0.92, 0.0) and _settled(out)
+
+
 @pytest.mark.parametrize("curve, grid", [
     ([[8, 1.0], [16, 1.0], [24, 2.0], [32, 2.0], [40, 3.0], [48, 3.0]], 16),            # steps every 16 channels
     ([[8, 1.0], [16, 2.0], [24, 3.0], [32, 4.0], [40, 5.0], [48, 6.0]], 8),             # linear: the sample step
@@ -120,7 +142,7 @@ class Device:
     def __call__(self, model) -> float:
         return self.cost(model)
 
-    def compare(self, models, rounds=3, retakes=2, settings=None):  # the rounds of each figure disagree by ``spread``
+    def compare(self, models, rounds=3, retakes=2, settings=None, decided=None):  # the rounds of each figure disagree by ``spread``
         return [(self.cost(m), self.spread) for m in models]
 
 

@@ -272,7 +272,7 @@ class Device:
     def __call__(self, model) -> float:
         return self.seconds(model)
 
-    def compare(self, models, rounds=3, retakes=2, settings=None) -> list[tuple[float, float]]:
+    def compare(self, models, rounds=3, retakes=2, settings=None, decided=None) -> list[tuple[float, float]]:
         self.compared.append(len(models))
         self.settings = settings
         return [(self.slower * self.seconds(m), self.spread) for m in models]
