@@ -6,9 +6,8 @@ where the plan is.
 - :class:`RhoController`: proportional-integral feedback on the gap between planned and predicted pruned
   seconds, in log-rho space (rho acts multiplicatively: a gap of 10% of the budget should scale rho, not add a
   constant to it), clipped to ``[rho0 / max_factor, rho0 * max_factor]`` with anti-windup.
-- :class:`BudgetSteer`: how many channels a shrink takes. The channels are ranked by what they are worth per
-  unit of the penalty's cost (|gamma| per second, per MAC, or plain |gamma|), and a shrink takes the k worth least
-  (the L1 term has already zeroed most of them). When the target device is this machine, k is chosen by
+- :class:`BudgetSteer`: how many channels a shrink takes along a ranking (:mod:`dist_hrnas.search.ranking`: the
+  k worth least per unit of the penalty's cost; the L1 term has already zeroed most of them). When the target device is this machine, k is chosen by
   *measuring*: the calibrated latency model's pick is timed against the network now; only when it misses the
   band at the landing is another timed, aimed through what the miss measured (:meth:`BudgetSteer.probe_aim`),
   and :meth:`BudgetSteer.pick` chooses among those measured. With ``latency.lut_device`` the calibrated model
@@ -23,9 +22,8 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-import torch
-
 from dist_hrnas.errors import UserError
+from dist_hrnas.search.ranking import shortest_prefix
 
 if TYPE_CHECKING:
     from dist_hrnas.config import PruneConfig
@@ -38,6 +36,11 @@ _EXP_RATE = 3.0  # exp schedule: 95% of the budget pruned by the end, front-load
 # only, so the band is usually reached within two, and a bracket needs one or two more where a jump (a grid
 # step of a wide branch, a whole branch going) lies across it.
 MAX_PROBES = 4
+# ... and, once two measured candidates bracket the band, bisection between them goes on to this many in all: on
+# the digits supernet a 0.5 landing's probes read 49.4, 47.8 and 47.5 ms for a 42.9 ms target (channels taken
+# off many branches at once, whose widths stayed on the same grid step) and then 30.7 ms; taking that one
+# overshot by 28 % and cost 10 points of top-1, while each bisection step between the two costs seconds.
+MAX_BRACKETED_PROBES = 8
 
 
 def schedule_fraction(shape: str, x: float) -> float:
@@ -102,86 +105,6 @@ class RhoController:
     def load_state_dict(self, state: dict) -> None:
         self.integral, self.error = float(state["integral"]), float(state["error"])
         self.rho, self.done = float(state["rho"]), bool(state["done"])
-
-
-@dataclass
-class BranchChannels:
-    """The channels of one prunable branch as a shrink decision sees them."""
-
-    block: str
-    index: int                 # branch index inside the block (masks are per block, in branch order)
-    scores: torch.Tensor       # |gamma| per channel
-    cost_per_channel: float    # the penalty's unit: seconds, MACs or 1
-    grid: int = 1              # surviving widths stay multiples of this
-
-
-Masks = dict[str, list[torch.Tensor]]
-Ranked = list[tuple[float, BranchChannels, int]]  # (worth per unit of cost, branch, channel), least worth first
-
-
-def ranked_channels(branches: list[BranchChannels]) -> Ranked:
-    """Every prunable channel, least worth first: |gamma| per unit of its branch's cost."""
-    out = [(float(b.scores[c]) / max(b.cost_per_channel, 1e-30), b, c) for b in branches for c in range(len(b.scores))]
-    return sorted(out, key=lambda t: (t[0], t[1].block, t[1].index, t[2]))
-
-
-def masks_without(masks: Masks, ranked: Ranked, k: int) -> Masks:
-    """``masks`` (every block present) with the ``k`` channels worth least removed, each branch's survivors rounded
-    up to its grid (the best-scored of the removed come back; a branch may still go to 0)."""
-    out = {name: [m.clone() for m in ms] for name, ms in masks.items()}
-    for _, b, c in ranked[:k]:
-        out[b.block][b.index][c] = False
-    for b in {id(b): b for _, b, _ in ranked}.values():
-        mask = out[b.block][b.index]
-        kept = int(mask.sum())
-        if b.grid > 1 and 0 < kept and kept % b.grid:
-            keep = min(len(mask), math.ceil(kept / b.grid) * b.grid)
-            mask.zero_()
-            mask[torch.topk(b.scores, keep).indices] = True
-    return out
-
-
-def same_masks(a: Masks, b: Masks) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(x, y) for n in a for x, y in zip(a[n], b[n]))
-
-
-def between(masks: Masks, ranked: Ranked, slow_k: int, fast_k: int) -> tuple[int, int | None]:
-    """Bisection on the ranking between a candidate measured too slow (``slow_k`` channels taken) and one too
-    fast (``fast_k``): (s, k) with k a count whose architecture differs from both (to time), or None when none
-    does. A count giving one end's architecture moves that end untimed (latency depends on the architecture
-    only), so with None, s + 1 is the other end: taking ``ranked[s]`` is the jump (a grid step, or a whole branch)."""
-    s, f = slow_k, fast_k
-    slow, fast = masks_without(masks, ranked, s), masks_without(masks, ranked, f)
-    while f - s > 1:
-        mid = (s + f) // 2
-        taken = masks_without(masks, ranked, mid)
-        if same_masks(taken, slow):
-            s = mid
-        elif same_masks(taken, fast):
-            f = mid
-        else:
-            return s, mid
-    return s, None
-
-
-def deferring(ranked: Ranked, s: int) -> Ranked:
-    """``ranked`` with the channels of ``ranked[s]``'s branch from position ``s`` on moved to the end: candidates
-    along it keep that branch as the first ``s`` leave it and take other branches' channels, so a jump across
-    the band is stepped around, not over."""
-    branch, rest = ranked[s][1], ranked[s:]
-    return ranked[:s] + [t for t in rest if t[1] is not branch] + [t for t in rest if t[1] is branch]
-
-
-def shortest_prefix(n: int, ok: Callable[[int], bool]) -> int:
-    """Smallest k in [0, n] with ``ok(k)`` (assumed monotone in k), or n when none is."""
-    lo, hi = 0, n
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if ok(mid):
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
 
 
 class BudgetSteer:
@@ -266,6 +189,14 @@ class BudgetSteer:
         fast = [k for k, (_, m) in line.items() if m < aim_s * (1.0 - self.tolerance)]
         return (max(slow), min(fast)) if slow and fast and max(slow) < min(fast) else None
 
+    def interpolate(self, line: dict[int, tuple[float, float]], bracket: tuple[int, int], aim_s: float) -> int:
+        """Channels at which the straight line through the bracket's two measured ends crosses the middle of the
+        band, kept in the bracket's middle half: the bracket shrinks by a quarter at least, whatever the curve."""
+        (s, f), mid_s = bracket, aim_s * (1.0 - 0.5 * self.tolerance)
+        slow_s, fast_s, quarter = line[s][1], line[f][1], (f - s) / 4
+        k = s + (f - s) * (slow_s - mid_s) / (slow_s - fast_s)
+        return round(min(max(k, s + quarter), f - quarter))
+
     def in_band(self, measured_s: float, aim_s: float) -> bool:
         """At or under the aim by at most ``prune.budget_tolerance``."""
         return aim_s * (1.0 - self.tolerance) <= measured_s <= aim_s
@@ -293,21 +224,3 @@ class BudgetSteer:
         self.controller.load_state_dict(state["controller"])
         self.points = [(float(p), float(m)) for p, m in state["points"]]
         self.last_epoch = float(state["last_epoch"])
-
-
-def full_masks(model, masks: Masks) -> Masks:
-    """``masks`` with an all-kept mask list for every block that has none (fitting may edit any block)."""
-    return {name: [m.clone() for m in masks[name]] if name in masks else
-            [torch.ones(b.hidden, dtype=torch.bool) for b in block.branches] for name, block in model.named_blocks()}
-
-
-def branch_channels(model, pairs, penalty: str) -> list[BranchChannels]:
-    """The registered branches of ``model`` (``(entry, dw_bn)`` pairs of the prune registry), costed in the
-    penalty's unit (issue: the budget ranks channels the way the search penalises them)."""
-    blocks = dict(model.named_blocks())
-    out = []
-    for entry, bn in pairs:
-        index = [b.kernel for b in blocks[entry.block].branches].index(entry.kernel)
-        cost = {"seconds": entry.seconds_per_channel, "macs": entry.macs_per_channel}.get(penalty, 1.0)
-        out.append(BranchChannels(entry.block, index, bn.weight.detach().abs().cpu(), cost, entry.grid))
-    return out

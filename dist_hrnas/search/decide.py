@@ -18,8 +18,9 @@ import torch
 
 from dist_hrnas.models import HRNet, export_arch
 from dist_hrnas.parallel import comm
-from dist_hrnas.search.budget import (MAX_PROBES, between, branch_channels, deferring, full_masks, masks_without,
-                                     ranked_channels, same_masks)
+from dist_hrnas.search.budget import MAX_BRACKETED_PROBES, MAX_PROBES
+from dist_hrnas.search.ranking import (between, branch_channels, deferring, full_masks, masks_without,
+                                      ranked_channels, same_masks)
 from dist_hrnas.search.masks import (Masks, arch_after_masks, broadcast_masks, dead_channels, flatten_masks,
                                      predict_after_masks, shrunk_view, unflatten_masks, whole_branches_only)
 
@@ -130,8 +131,8 @@ def _confirm(search: "Search", model: HRNet, masks: Masks, epoch: int, last_epoc
 def _budget_candidates(search: "Search", model: HRNet, masks: Masks, epoch: int, last_epoch: bool) -> Decision:
     """The calibrated model's pick for the aim, measured with the network now; at the landing (the aim is the
     target), while the last one missed the band, another (at most MAX_PROBES): aimed through the miss, or, once
-    two bracket the band, one between them, or past the jump between them along a ranking that defers the
-    jumping branch. Taken: the slowest measured at or under the aim (the fastest when none is), if it measures
+    two bracket the band, one between them (up to MAX_BRACKETED_PROBES in all), or past the jump between them
+    along a ranking that defers the jumping branch. Taken: the slowest measured at or under the aim (the fastest when none is), if it measures
     faster than the network now. Before the landing a pick the model rates less than MEASURABLE_GAIN faster is
     not timed (the penalty goes on)."""
     budget = search.budget
@@ -145,10 +146,12 @@ def _budget_candidates(search: "Search", model: HRNet, masks: Masks, epoch: int,
     landing = aim <= budget.target_s
     timed: list[tuple] = []  # per candidate timed: (masks, (now s, spread), (after s, spread), scale)
     line: dict[int, tuple[float, float]] = {}  # channels taken along `ranked` -> (predicted, measured)
-    for _ in range(MAX_PROBES if landing else 1):
+    for probe in range(MAX_BRACKETED_PROBES if landing else 1):
         bracket, k = budget.bracket(line, aim), None
+        if probe >= MAX_PROBES and bracket is None:
+            break
         if bracket is not None:
-            s, k = between(base, ranked, *bracket)
+            s, k = between(base, ranked, *bracket, prefer=budget.interpolate(line, bracket, aim))
             if k is None:  # no candidate between the two: the branch that jumps keeps its width from here
                 ranked, line = deferring(ranked, s), {j: v for j, v in line.items() if j <= s}
         if k is None:

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from dist_hrnas.config import PruneConfig
-from dist_hrnas.search.budget import (BranchChannels, BudgetSteer, PrunedSecondsPlan, RhoController, masks_without,
-                                      ranked_channels)
+from dist_hrnas.search.budget import BudgetSteer, PrunedSecondsPlan, RhoController
+from dist_hrnas.search.ranking import BranchChannels, masks_without, ranked_channels
 
 
 @pytest.mark.parametrize("shape", ["linear", "cosine", "exp"])
@@ -99,7 +99,7 @@ def test_channels_are_ranked_by_worth_per_unit_of_the_penalty_cost_and_removed_o
 def test_between_two_candidates_bisects_on_architectures_and_a_jump_is_stepped_around():
     """Branch a (16-channel grid) goes first, then b (any width). Counts that give an end's architecture are
     passed over untimed; where none lies between, the jumping branch is deferred and the others go on."""
-    from dist_hrnas.search.budget import between, deferring
+    from dist_hrnas.search.ranking import between, deferring
 
     a = BranchChannels("a", 0, torch.full((32,), 0.01), cost_per_channel=1.0, grid=16)
     b = BranchChannels("b", 0, torch.full((32,), 0.50), cost_per_channel=1.0)
@@ -379,7 +379,7 @@ def test_a_jump_across_the_band_is_stepped_around_by_keeping_its_branch(tmp_path
     jump, so no prefix of the ranking measures in the band. The two candidates around the jump are found
     without timing what lies between (the same architectures), and the ranking goes on with that branch kept,
     taking other branches' channels until a candidate lands in the band."""
-    from dist_hrnas.search.budget import branch_channels, full_masks, masks_without, ranked_channels
+    from dist_hrnas.search.ranking import branch_channels, full_masks, masks_without, ranked_channels
     from dist_hrnas.search.decide import decide_by_measurement
     from dist_hrnas.search.masks import predict_after_masks
 
@@ -437,3 +437,25 @@ def test_a_network_that_already_measures_under_the_target_meets_the_budget_witho
     assert device.compared == [3]                      # one candidate timed, then no more: the network now is in
     search.measured_without_cut(decision)
     assert budget.done and search.latency_ms_measured == pytest.approx(now_s * 1e3)
+
+
+def _plateau_then_cliff(p: float, p0: float) -> float:
+    """A device on which taking channels barely helps until the model predicts under 45 % of the supernet (the
+    widths stay on the same grid step), then helps steeply (35 %: every prunable branch gone, on this LUT)."""
+    x = p / p0
+    return p0 * (0.60 + 0.1 * x if x >= 0.45 else 0.25 + (x - 0.35) * (0.645 - 0.25) / 0.1)
+
+
+def test_a_landing_bracketed_after_its_probes_bisects_on_into_the_band(tmp_path, even_lut):
+    """Aimed probes go through the plateau and past the band: once two measured candidates bracket it, the
+    landing bisects between them (beyond MAX_PROBES) instead of taking the one far under the target."""
+    from dist_hrnas.search.budget import MAX_BRACKETED_PROBES, MAX_PROBES
+    from dist_hrnas.search.decide import decide_by_measurement
+
+    search, model, device = _measured_budget_search(tmp_path, even_lut, _plateau_then_cliff)
+    budget = search.budget
+    decision = decide_by_measurement(search, model, {}, epoch=7, last_epoch=True)
+    measured = [s for _, s in decision.probes]
+    assert MAX_PROBES < len(measured) <= MAX_BRACKETED_PROBES
+    assert any(s < budget.target_s * (1 - budget.tolerance) for s in measured[:MAX_PROBES])  # bracketed by then
+    assert decision.due and budget.in_band(decision.measured_s, budget.target_s)
