@@ -158,8 +158,12 @@ class BudgetSteer:
         return self.controller.update(self.plan.planned_s(epoch), pruned_s, self.plan.total_s, dt)
 
     def aim_s(self, epoch: float, last_epoch: bool) -> float:
-        """Measured seconds this shrink aims at: where the plan is by ``epoch`` (the target at the end)."""
+        """Measured seconds this shrink aims at: where the plan is by ``epoch`` (the target itself at the end:
+        computed as S - 1.0 * (S - T) it came out above T in one case of eight, so the last shrink was not
+        taken for the landing and timed one candidate only)."""
         share = 1.0 if last_epoch or self.plan.total_s <= 0 else self.plan.planned_s(epoch) / self.plan.total_s
+        if share >= 1.0:
+            return self.target_s
         return self.supernet_measured_s - share * (self.supernet_measured_s - self.target_s)
 
     def model_k(self, n: int, predict: Callable[[int], float], aim_predicted_s: float) -> int:

@@ -459,3 +459,13 @@ def test_a_landing_bracketed_after_its_probes_bisects_on_into_the_band(tmp_path,
     assert MAX_PROBES < len(measured) <= MAX_BRACKETED_PROBES
     assert any(s < budget.target_s * (1 - budget.tolerance) for s in measured[:MAX_PROBES])  # bracketed by then
     assert decision.due and budget.in_band(decision.measured_s, budget.target_s)
+
+
+def test_the_last_shrink_aims_exactly_at_the_target_whatever_the_rounding():
+    """S - 1.0 * (S - T) is above T for some floats (61 of these 200 supernet figures with T = 0.3 S): the last
+    shrink then was not the landing. Each aims at T itself."""
+    steer = _steer(target_ratio=0.3)
+    for supernet_s in [0.0850472 + i * 1.3e-7 for i in range(200)]:
+        steer.supernet_measured_s, steer.target_s = supernet_s, 0.3 * supernet_s
+        assert steer.aim_s(3.0, last_epoch=True) == steer.target_s
+        assert steer.aim_s(steer.plan.epoch_target + 1.0, last_epoch=False) == steer.target_s
