@@ -117,6 +117,9 @@ class Tags:
     CHANNELS_ALIVE = "prune/channels_alive"
     SHRINK = "prune/shrink"
     SHRINK_REFUSED = "prune/shrink_refused"
+    # a measured decision that cut nothing: its fastest timed candidate and the network now, in the same rounds
+    REFUSED_CANDIDATE_MS = "prune/refused_candidate_ms"
+    REFUSED_NOW_MS = "prune/refused_network_now_ms"
     LATENCY_MEASURED = "prune/latency_ms_measured"  # one point per shrink
     LATENCY_SUPERNET_MEASURED = "prune/latency_ms_supernet_measured"
     LATENCY_PREDICTED_NET = "prune/latency_ms_predicted_net"

@@ -11,6 +11,7 @@ from dist_hrnas.models import HRNet
 from dist_hrnas.names import Tags
 
 if TYPE_CHECKING:
+    from dist_hrnas.search.decide import Decision
     from dist_hrnas.search.driver import Search
 
 SCHEDULE_LAYOUT = {"schedule": {
@@ -71,6 +72,14 @@ def log_shrink(writer: NullWriter, record: dict, shrinks: int, budget_active: bo
     writer.scalar(Tags.LATENCY_MEASURED, record["latency_ms_measured_after"], step)
     writer.scalar(Tags.LATENCY_PREDICTED_NET, record["latency_ms_predicted_after"], step)
     writer.scalar(Tags.LATENCY_ERROR_PCT, record["latency_error_pct_after"], step)
+
+
+def log_refusal(writer: NullWriter, decision: "Decision", step: int) -> None:
+    """A measured decision that cut nothing: the fastest candidate it timed against the network now (a candidate
+    about as fast: the cut would not have helped; one far faster: refused for the rounds' spread)."""
+    if decision.probes and decision.before_s is not None:
+        writer.scalar(Tags.REFUSED_CANDIDATE_MS, min(s for _, s in decision.probes) * 1e3, step)
+        writer.scalar(Tags.REFUSED_NOW_MS, decision.before_s * 1e3, step)
 
 
 def log_architecture(writer: NullWriter, model: HRNet, step: int) -> None:

@@ -119,13 +119,14 @@ def _confirm(search: "Search", model: HRNet, masks: Masks, epoch: int, last_epoc
         candidates = [c for c in candidates if measurable(search, model, c)]
         if not candidates:
             return Decision(masks, False)
+    probes = []
     for candidate in candidates:
         (now_s, now_spread), (after_s, after_spread), _ = _timed(search, model, candidate)
+        probes.append((search.profile.parts(shrunk_view(model, candidate)), after_s))
         if after_s < now_s * (1.0 - required_gain(now_spread, after_spread)):
-            probe = (search.profile.parts(shrunk_view(model, candidate)), after_s)
             refitted = [REFITTED_WHOLE_BRANCHES] if candidate is whole else []
-            return Decision(candidate, True, refitted, after_s, now_s, [probe])
-    return Decision(masks, False, [REFUSED_MEASURED_SLOWER])
+            return Decision(candidate, True, refitted, after_s, now_s, probes[-1:])
+    return Decision(masks, False, [REFUSED_MEASURED_SLOWER], before_s=now_s, probes=probes)
 
 
 def _budget_candidates(search: "Search", model: HRNet, masks: Masks, epoch: int, last_epoch: bool) -> Decision:

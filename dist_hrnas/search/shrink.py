@@ -88,6 +88,7 @@ def after_eval(search: Search, state: TrainState, ctx: comm.DistContext, last_ep
         for code in decision.refusals:
             writer.scalar(Tags.SHRINK_REFUSED, code, state.step)
         if not decision.due:
+            board.log_refusal(writer, decision, state.step)
             search.measured_without_cut(decision)
             break
         shrink(search, state, ctx, decision, epoch, calibration_batches, writer)

@@ -186,6 +186,22 @@ def test_a_gain_inside_the_figures_spread_is_refused(tmp_path, spread, taken):
     search.network_timer = Device(lambda m: 1e-3 if len(_widths(m)) == branches else 0.96e-3, spread)
     decision = decide_by_measurement(search, model, masks, epoch=0, last_epoch=True)
     assert decision.due == taken and decision.refusals == ([] if taken else [REFUSED_MEASURED_SLOWER])
+    if not taken:  # what it timed is kept, and TensorBoard shows it: refused for the spread, not for no gain
+        from dist_hrnas.metrics import NullWriter
+        from dist_hrnas.names import Tags
+        from dist_hrnas.search.board import log_refusal
+
+        class Recorder(NullWriter):
+            def __init__(self):
+                self.points = {}
+
+            def scalar(self, tag, value, step):
+                self.points[tag] = (value, step)
+
+        writer = Recorder()
+        log_refusal(writer, decision, 7)
+        assert writer.points == {Tags.REFUSED_CANDIDATE_MS: (pytest.approx(0.96), 7),
+                                 Tags.REFUSED_NOW_MS: (pytest.approx(1.0), 7)}
 
 
 def test_before_the_last_epoch_a_gain_too_small_to_measure_is_not_timed(tmp_path):
