@@ -469,3 +469,17 @@ def test_the_last_shrink_aims_exactly_at_the_target_whatever_the_rounding():
         steer.supernet_measured_s, steer.target_s = supernet_s, 0.3 * supernet_s
         assert steer.aim_s(3.0, last_epoch=True) == steer.target_s
         assert steer.aim_s(steer.plan.epoch_target + 1.0, last_epoch=False) == steer.target_s
+
+
+def test_a_landing_pick_that_meets_the_target_is_taken_however_far_its_rounds_disagree(tmp_path, even_lut):
+    """Rounds that disagree by 15 % each: a cut must otherwise beat 30 % to be taken. A pick measured at or under
+    the target is the cut the budget asks for, so it is taken; before the landing the spread still rules."""
+    from dist_hrnas.search.decide import REFUSED_MEASURED_SLOWER, decide_by_measurement
+
+    search, model, device = _measured_budget_search(tmp_path, even_lut, lambda p, p0: p, spread=0.15)
+    budget = search.budget
+    decision = decide_by_measurement(search, model, {}, epoch=7, last_epoch=True)
+    assert decision.due and decision.measured_s <= budget.target_s < 0.7 * decision.before_s
+    budget.target_s = 0.8 * budget.supernet_measured_s  # before the landing a cut inside 30 % of spread is refused
+    early = decide_by_measurement(search, model, {}, epoch=0, last_epoch=False)
+    assert not early.due and early.refusals == [REFUSED_MEASURED_SLOWER]
