@@ -8,9 +8,9 @@ where the plan is.
   constant to it), clipped to ``[rho0 / max_factor, rho0 * max_factor]`` with anti-windup.
 - :class:`BudgetSteer`: how many channels a shrink takes along a ranking (:mod:`dist_hrnas.search.ranking`: the
   k worth least per unit of the penalty's cost; the L1 term has already zeroed most of them). When the target
-  device is this machine, k is chosen by *measuring*: the calibrated latency model's pick is timed against the network now; only when it misses the
-  band at the landing is another timed, aimed through what the miss measured (:meth:`BudgetSteer.probe_aim`),
-  and :meth:`BudgetSteer.pick` chooses among those measured. With ``latency.lut_device`` the calibrated model
+  device is this machine, k is chosen by *measuring*: the calibrated latency model's pick is timed against the
+  network now; only when it misses the band at the landing is another timed, aimed through what the miss
+  measured (:meth:`BudgetSteer.probe_aim`), and :meth:`BudgetSteer.pick` chooses among those measured. With ``latency.lut_device`` the calibrated model
   alone decides (:meth:`BudgetSteer.model_k`).
 
 Everything here is plain arithmetic on numbers every rank shares (the profile and the measurements are

@@ -134,8 +134,8 @@ def _budget_candidates(search: "Search", model: HRNet, masks: Masks, epoch: int,
     target), while the last one missed the band, another (at most MAX_PROBES): aimed through the miss, or, once
     two bracket the band, one between them (up to MAX_BRACKETED_PROBES in all), or past the jump between them
     along a ranking that defers the jumping branch. Taken: the slowest measured at or under the aim (the fastest
-    when none is), if it measures faster than the network now. Before the landing a pick the model rates less than MEASURABLE_GAIN faster is
-    not timed (the penalty goes on)."""
+    when none is), if it measures faster than the network now. Before the landing a pick the model rates less
+    than MEASURABLE_GAIN faster is not timed (the penalty goes on)."""
     budget = search.budget
     base = full_masks(model, {})
     ranked = ranked_channels(branch_channels(model, search.pairs, search.cfg.prune.penalty))
