@@ -10,8 +10,8 @@ where the plan is.
   k worth least per unit of the penalty's cost; the L1 term has already zeroed most of them). When the target
   device is this machine, k is chosen by *measuring*: the calibrated latency model's pick is timed against the
   network now; only when it misses the band at the landing is another timed, aimed through what the miss
-  measured (:meth:`BudgetSteer.probe_aim`), and :meth:`BudgetSteer.pick` chooses among those measured. With ``latency.lut_device`` the calibrated model
-  alone decides (:meth:`BudgetSteer.model_k`).
+  measured (:meth:`BudgetSteer.probe_aim`), and :meth:`BudgetSteer.pick` chooses among those measured. With
+  ``latency.lut_device`` the calibrated model alone decides (:meth:`BudgetSteer.model_k`).
 
 Everything here is plain arithmetic on numbers every rank shares (the profile and the measurements are
 broadcast by rank 0), so every rank computes the same rho at every step.
