@@ -36,16 +36,21 @@ from dist_hrnas.models import HRNet, export_arch, model_from_arch
 from dist_hrnas.latency.timing import make_timer
 
 POLL_S = 2.0  # how often a waiting parent checks that the child is still alive
+# Untimed runs before each round after a child's first: oneDNN has made its kernels in the first round's warmup,
+# and one run brings the network's data back into the caches the other networks' rounds used in between.
+LATER_ROUND_WARMUP = 1
 
 
 def _serve_network(arch: dict, cfg_fields: dict, image_size: int, conn: Connection) -> None:  # in the child
     """Build one network, then time one round of it each time the parent asks, until the parent hangs up."""
     try:
         cfg = LatencyConfig(**cfg_fields)
-        take = network_round(model_from_arch(arch), image_size, cfg, make_timer(cfg))
-        conn.send(("ok", 0.0))  # built: the parent starts the next child only now, so none builds while one times
-        while conn.recv():  # the parent closing its end reads as EOFError: done
+        timer = make_timer(cfg)
+        take = network_round(model_from_arch(arch), image_size, cfg, timer)
+        conn.send(("ok", 0.0))  # built: the parent waits for every child's before the first round, so none
+        while conn.recv():      # builds while one times; the parent closing its end reads as EOFError: done
             conn.send(("ok", take()))
+            timer.warmup = min(timer.warmup, LATER_ROUND_WARMUP)
     except EOFError:
         pass
     except Exception as err:  # noqa: BLE001 - reported to the parent, which raises it
@@ -73,13 +78,18 @@ def _answer(process, conn: Connection) -> float:
 class _NetworkProcess:
     """A fresh child holding one network, timing a round of it whenever asked (:meth:`round`)."""
 
-    def __init__(self, ctx, arch: dict, fields: dict, image_size: int):
+    def __init__(self, ctx, arch: dict, fields: dict, image_size: int, wait: bool = True):
         self.conn, child = ctx.Pipe(duplex=True)
         self.process = ctx.Process(target=_serve_network, args=(arch, fields, image_size, child),
                                    name="dist_hrnas-latency", daemon=True)
         self.process.start()
         child.close()  # the child holds its end; a dead child then reads as end of file, not as silence
-        _answer(self.process, self.conn)  # built
+        if wait:
+            self.built()
+
+    def built(self) -> None:
+        """Wait until the child has built its network (its first answer)."""
+        _answer(self.process, self.conn)
 
     def round(self) -> float:
         self.conn.send(True)
@@ -112,10 +122,12 @@ class CleanProcessTimer:
         return settled(lambda: self._round(arch), self.cfg)[0]
 
     def compare(self, models: list[HRNet], rounds: int = NETWORK_ROUNDS, retakes: int = RETAKES,
-                settings: LatencyConfig | None = None, decided: Callable[[Figures], bool] | None = None) -> Figures:
+                settings: LatencyConfig | None = None,
+                decided: Callable[[Figures, int], bool] | None = None) -> Figures:
         """Each network's (fastest round, spread), timed in the same rounds (:func:`interleaved`). Each network
         lives in a fresh child of its own for the comparison, which runs nothing else and times a round when
         asked: a child per round paid its start (~0.5 s) every round, more than a round of a small network.
+        The children start and build side by side (nothing is timed until all are built).
         ``settings`` (e.g. a candidate comparison's fewer runs) replace the timer's for these rounds; ``decided``
         as in :func:`interleaved`."""
         self.calls += 1
@@ -123,8 +135,10 @@ class CleanProcessTimer:
         workers: list[_NetworkProcess] = []
         try:
             for model in models:
-                workers.append(_NetworkProcess(self._ctx, export_arch(model), fields, self.image_size))
+                workers.append(_NetworkProcess(self._ctx, export_arch(model), fields, self.image_size, wait=False))
                 self.children += 1
+            for worker in workers:
+                worker.built()
             return interleaved([w.round for w in workers], settings or self.cfg, rounds, retakes, decided)
         finally:
             for worker in workers:

@@ -217,30 +217,35 @@ def settled(take_round: Callable[[], float], cfg: LatencyConfig, rounds: int = N
 
 
 Figures = list[tuple[float, float]]  # per network: (fastest round's seconds, spread of its fastest rounds)
+# A comparison's ``decided`` is first asked after this many rounds: each network has then gone first once, so a
+# slow first child (up to 30 % slow after training, here) cannot decide it alone.
+DECIDING_ROUNDS = 2
 
 
 def interleaved(takes: list[Callable[[], float]], cfg: LatencyConfig, rounds: int = NETWORK_ROUNDS,
-                retakes: int = RETAKES, decided: Callable[[Figures], bool] | None = None) -> Figures:
+                retakes: int = RETAKES, decided: Callable[[Figures, int], bool] | None = None) -> Figures:
     """Each network's (fastest round, spread of its fastest ``rounds``), all timed in the same rounds: every
     round takes each network once, alternating who goes first, so a slow spell of the machine falls on all of
     them; ``rounds`` more are taken (at most ``retakes`` times) while any network's disagree beyond
-    ``latency.network_spread``, unless ``decided`` says the figures so far already settle what they are taken
-    for (a retake only sharpens figures; it costs a few seconds a network)."""
+    ``latency.network_spread``. ``decided(figures, rounds taken)``, asked after every round from
+    DECIDING_ROUNDS on, ends the comparison when the figures so far already settle what they are taken for (a
+    further round only sharpens figures; it costs a round of every network); it must ask more of fewer rounds."""
     medians: list[list[float]] = [[] for _ in takes]
     for taken in range(1, rounds * (1 + retakes) + 1):
         order = list(range(len(takes)))
         for i in order if taken % 2 else order[::-1]:
             medians[i].append(takes[i]())
-        if taken % rounds == 0:
-            figures = [(min(m), spread(sorted(m)[:rounds])) for m in medians]
-            if max(f[1] for f in figures) <= cfg.network_spread or (decided is not None and decided(figures)):
-                break
+        figures = [(min(m), spread(sorted(m)[:rounds])) for m in medians]
+        if taken % rounds == 0 and max(f[1] for f in figures) <= cfg.network_spread:
+            break
+        if decided is not None and taken >= DECIDING_ROUNDS and decided(figures, taken):
+            break
     return [(min(m), spread(sorted(m)[:rounds])) for m in medians]
 
 
 def compare_networks(models: list[HRNet], image_size: int, cfg: LatencyConfig, timer: Timer,
                      network_timer: NetworkTimer | None = None, rounds: int = NETWORK_ROUNDS,
-                     retakes: int = RETAKES, decided: Callable[[Figures], bool] | None = None) -> Figures:
+                     retakes: int = RETAKES, decided: Callable[[Figures, int], bool] | None = None) -> Figures:
     """:func:`interleaved` figures of ``models``: in clean processes when ``network_timer`` can, else here."""
     if network_timer is not None and hasattr(network_timer, "compare"):
         return network_timer.compare(models, rounds, retakes, cfg, decided)

@@ -184,13 +184,19 @@ def _budget_candidates(search: "Search", model: HRNet, masks: Masks, epoch: int,
     return Decision(candidate, True, [], after_s, now_s, probes, scale)
 
 
-def _settled(figures: list[tuple[float, float]]) -> bool:
+def _settled(figures: list[tuple[float, float]], taken: int = CANDIDATE_ROUNDS) -> bool:
     """Whether (network now, candidate) figures already decide "faster than now" (taken beyond both spreads, or
     not faster at all), so rounds that disagree need no retake: a retake sharpens the spreads, which moves only a
     candidate in between. Measured on digits searches, retakes were taken in most comparisons, a third of the
-    candidate timing."""
+    candidate timing. Before CANDIDATE_ROUNDS rounds (two: each network once first) only a clear case decides:
+    every round of the candidate faster than every round of the network now by the required gain, or none
+    faster than any (its fastest round at or over the network's slowest); on a digits search most candidates
+    the model rates MEASURABLE_GAIN faster are that clear, and a third round of both cost a third of the timing."""
     (now_s, now_spread), (after_s, after_spread) = figures[:2]
-    return after_s < now_s * (1.0 - required_gain(now_spread, after_spread)) or after_s >= now_s
+    gain = required_gain(now_spread, after_spread)
+    if taken < CANDIDATE_ROUNDS:  # with two rounds, spread = (slower - faster) / faster: the slower round's figure
+        return after_s * (1.0 + after_spread) < now_s * (1.0 - gain) or after_s >= now_s * (1.0 + now_spread)
+    return after_s < now_s * (1.0 - gain) or after_s >= now_s
 
 
 def _timed(search: "Search", model: HRNet, candidate: Masks,

@@ -25,8 +25,8 @@ from dist_hrnas.parallel import comm
 from dist_hrnas.search.budget import BudgetSteer
 from dist_hrnas.search.decide import (REFUSED_BRANCH_SLOWER, REFUSED_NETWORK_SLOWER, Decision, decide_by_measurement,
                                       decide_by_model)
-from dist_hrnas.search.masks import (Masks, dead_channels, keep_branches_that_would_slow_down, predict_after_masks,
-                                     smallest_predicted_s)
+from dist_hrnas.search.masks import (Masks, arch_after_masks, dead_channels, keep_branches_that_would_slow_down,
+                                     predict_after_masks, smallest_masks, smallest_predicted_s)
 from dist_hrnas.search.registry import PruneRegistry, rho_at, should_shrink
 
 # At the last epoch a budget search shrinks again while the measured latency is above the target. Each
@@ -70,15 +70,24 @@ class Search:
         self.candidate_timing_s = 0.0
         self.budget: BudgetSteer | None = None
         if self.enabled and cfg.prune.has_budget:
+            # the fixed part alone is a floor the latency model's estimate may undercut (a negative context
+            # part): no target below it is reachable; a resumed run's budget passed this check at its start
+            resumed = saved is not None
+            smallest_s = 0.0 if resumed else max(smallest_predicted_s(self.profile, model, self.registry.entries),
+                                                 self.profile.fixed_s)
+            measure_smallest = None if resumed or cfg.latency.lut_device else lambda: self.smallest_measured_s(model)
             self.budget = BudgetSteer(cfg.prune, cfg.train.epochs, self.latency_ms_supernet / 1e3,
-                                      self.supernet_predicted_s,
-                                      # the fixed part alone is a floor the latency model's estimate may
-                                      # undercut (a negative context part): no target below it is reachable
-                                      max(smallest_predicted_s(self.profile, model, self.registry.entries),
-                                          self.profile.fixed_s),
-                                      where=f"{cfg.latency.device} at batch {cfg.latency.batch_size}")
+                                      self.supernet_predicted_s, smallest_s,
+                                      where=f"{cfg.latency.device} at batch {cfg.latency.batch_size}",
+                                      smallest_measured_s=measure_smallest)
             if saved is not None and saved.get("budget"):
                 self.budget.load_state_dict(saved["budget"])
+
+    def smallest_measured_s(self, model: HRNet) -> float:
+        """The smallest network this search can reach from ``model`` (every prunable branch removed), timed end to
+        end by rank 0 (in a clean process when it can) and broadcast."""
+        floor = model_from_arch(arch_after_masks(model, smallest_masks(model, self.registry.entries)))
+        return measure_network_on_rank0(floor, self.image_size, self.cfg.latency, self.timer, self.network_timer)
 
     def state_dict(self) -> dict:
         """Plain data for the checkpoint (resuming measures nothing)."""
@@ -143,7 +152,7 @@ class Search:
         return decide_by_measurement(self, model, masks, epoch, last_epoch)
 
     def compare_on_rank0(self, archs: list[dict], rounds: int, retakes: int,
-                         decided: Callable[[Figures], bool] | None = None) -> Figures:
+                         decided: Callable[[Figures, int], bool] | None = None) -> Figures:
         """Rank 0 times ``archs`` end to end in the same ``rounds`` (fresh processes unless
         ``latency.clean_process=false``; at most ``retakes`` more sets of rounds while they disagree and
         ``decided`` does not hold): each one's (seconds, spread of its rounds)."""

@@ -104,15 +104,19 @@ def test_a_comparison_whose_figures_already_decide_takes_no_retake():
                           cfg, rounds=3, retakes=1, decided=_settled)
         return out, len(taken) // 2
 
-    # rounds disagree by 10 %, but the candidate is 40 % faster: taken beyond both spreads, no retake
-    out, rounds = compare([1.0, 1.1, 1.0, 9.0, 9.0, 9.0], [0.6, 0.66, 0.6, 9.0, 9.0, 9.0])
-    assert rounds == 3 and out[1][0] == 0.6 and _settled(out)
-    # slower than the network now: settled too (no retake can make it pass)
-    out, rounds = compare([1.0, 1.1, 1.0, 9.0, 9.0, 9.0], [1.2, 1.1, 1.1, 9.0, 9.0, 9.0])
-    assert rounds == 3
-    # 8 % faster inside 10 % + 10 % of spread: undecided, so the rounds are taken again (and agree then)
+    # rounds disagree by 10 %, but the candidate is 40 % faster in every round: clear after two rounds, no third
+    out, rounds = compare([1.0, 1.1, 9.0, 9.0, 9.0, 9.0], [0.6, 0.66, 9.0, 9.0, 9.0, 9.0])
+    assert rounds == 2 and out[1][0] == 0.6 and _settled(out, 2)
+    # every round slower than every round of the network now: refused after two rounds as well
+    out, rounds = compare([1.0, 1.1, 9.0, 9.0, 9.0, 9.0], [1.2, 1.1, 9.0, 9.0, 9.0, 9.0])
+    assert rounds == 2 and out[1][0] >= out[0][0]
+    # 25 % faster at best, but its slower round is not beyond the network's faster one by the gain: a third round
+    out, rounds = compare([1.0, 1.1, 1.0, 9.0, 9.0, 9.0], [0.75, 0.825, 0.75, 9.0, 9.0, 9.0])
+    assert rounds == 3 and not _settled([(1.0, 0.1), (0.75, 0.1)], 2) and _settled(out)
+    # 8 % faster inside 10 % + 10 % of spread: undecided, so the rounds are taken again, and the first retaken
+    # round settles it (the fastest three of four agree)
     out, rounds = compare([1.0, 1.1, 1.0, 1.0, 1.0, 1.0], [0.92, 1.012, 0.92, 0.92, 0.92, 0.92])
-    assert rounds == 6 and out[1] == (0.92, 0.0) and _settled(out)
+    assert rounds == 4 and out[1] == (0.92, 0.0) and _settled(out)
 
 
 @pytest.mark.parametrize("curve, grid", [
