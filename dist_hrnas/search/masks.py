@@ -101,8 +101,12 @@ def keep_branches_that_would_slow_down(profile: LatencyProfile, model: HRNet, ma
     return kept
 
 
+def smallest_masks(model: HRNet, prunable: set[str] | dict) -> Masks:
+    """Masks removing every prunable branch (key in ``prunable``): the smallest network a search can reach."""
+    return {name: [torch.full((b.hidden,), branch_key(name, b.kernel) not in prunable) for b in block.branches]
+            for name, block in model.named_blocks()}
+
+
 def smallest_predicted_s(profile: LatencyProfile, model: HRNet, prunable: set[str] | dict) -> float:
-    """Predicted seconds with every prunable branch (key in ``prunable``) removed: no search goes below this."""
-    masks = {name: [torch.full((b.hidden,), branch_key(name, b.kernel) not in prunable)
-                    for b in block.branches] for name, block in model.named_blocks()}
-    return predict_after_masks(profile, model, masks)
+    """Predicted seconds with every prunable branch removed: no search goes below this."""
+    return predict_after_masks(profile, model, smallest_masks(model, prunable))

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dist_hrnas.config import PruneConfig
+from dist_hrnas.errors import UserError
 from dist_hrnas.search.budget import BudgetSteer, PrunedSecondsPlan, RhoController
 from dist_hrnas.search.ranking import BranchChannels, masks_without, ranked_channels
 
@@ -80,6 +81,26 @@ def _steer(**prune) -> BudgetSteer:
     return BudgetSteer(PruneConfig(**{"target_ratio": 0.5, "budget_tolerance": 0.05, "epoch_target": 4.0} | prune),
                        epochs=8, supernet_measured_s=100.0, supernet_predicted_s=100.0, smallest_predicted_s=1.0,
                        where="cpu")
+
+
+def test_a_target_under_the_models_floor_is_checked_against_the_measured_floor():
+    """The model, fitted near the supernet, can put the smallest network far too high (batch 1: 5.1 ms predicted,
+    2.8 ms measured): a target under its estimate is checked against the floor timed end to end."""
+    timed = []
+
+    def floor(seconds: float):
+        return lambda: timed.append(seconds) or seconds
+
+    prune = PruneConfig(target_ratio=0.2, budget_tolerance=0.05, epoch_target=4.0)
+    steer = BudgetSteer(prune, 8, 100.0, 100.0, smallest_predicted_s=26.0, where="cpu",
+                        smallest_measured_s=floor(15.0))
+    assert steer.target_s == 20.0 and timed == [15.0]               # 20 < 26 predicted, but 15 measured: reachable
+    BudgetSteer(prune, 8, 100.0, 100.0, 10.0, "cpu", floor(15.0))    # the model's floor is under it: nothing timed
+    assert timed == [15.0]
+    with pytest.raises(UserError, match=r"prune.target_ratio=0.2: below the smallest network .*\(measured 22000"):
+        BudgetSteer(prune, 8, 100.0, 100.0, 26.0, "cpu", floor(22.0))
+    with pytest.raises(UserError, match=r"\(~26000.000 ms on cpu"):  # no device here (latency.lut_device)
+        BudgetSteer(prune, 8, 100.0, 100.0, 26.0, "cpu")
 
 
 def test_channels_are_ranked_by_worth_per_unit_of_the_penalty_cost_and_removed_on_the_grid():
@@ -452,7 +473,9 @@ def test_a_landing_bracketed_after_its_probes_bisects_on_into_the_band(tmp_path,
     from dist_hrnas.search.budget import MAX_BRACKETED_PROBES, MAX_PROBES
     from dist_hrnas.search.decide import decide_by_measurement
 
-    search, model, device = _measured_budget_search(tmp_path, even_lut, _plateau_then_cliff)
+    # the plateau is placed for the ranking of the average cost: along the default's, the fourth probe lands
+    search, model, device = _measured_budget_search(tmp_path, [*even_lut, "latency.cost=average"],
+                                                    _plateau_then_cliff)
     budget = search.budget
     decision = decide_by_measurement(search, model, {}, epoch=7, last_epoch=True)
     measured = [s for _, s in decision.probes]
