@@ -33,12 +33,12 @@ class LatencyConfig:
                                    "spell falls on both and their ratio needs fewer runs than an absolute figure "
                                    "(on the digits supernet 3 rounds of 5 gave the ratios 2 rounds of 15 gave, "
                                    "in 0.4x the time).")
-    cost: str = _f("average", "Per-channel cost of a branch: average = seconds / width at the supernet (the "
-                              "seed's rule); marginal = slope of its latency-vs-width curve at the current width "
-                              "(follows the hardware's staircase, refreshed after every shrink); "
-                              "fixed_plus_marginal = the slope per channel plus a group term on each branch's "
-                              "scales (the L2 norm) weighted by its fixed seconds, which only go with its last "
-                              "channel (launch-bound networks, batch 1), and likewise each block's join.")
+    cost: str = _f("fixed_plus_marginal", "Per-channel cost of a branch: average = seconds / width at the "
+                   "supernet (the seed's rule); marginal = slope of its latency-vs-width curve at the current "
+                   "width (follows the hardware's staircase, refreshed after every shrink); fixed_plus_marginal "
+                   "(the default: bench/search_quality.py, README) = the slope per channel plus a group term on "
+                   "each branch's scales (the L2 norm) weighted by its fixed seconds, which only go with its last "
+                   "channel (launch-bound networks, batch 1), and likewise each block's join.")
     width_step: int = _f(8, "Each branch's latency curve (prediction, marginal cost) is sampled every width_step "
                             "channels (coarser for wide branches, see max_samples), always including the "
                             "current width and one step below.")
