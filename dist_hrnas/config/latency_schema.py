@@ -28,7 +28,8 @@ class LatencyConfig:
                                   "the figure is the fastest of 3 rounds' medians (it decides whether a budget "
                                   "is met, and interference only ever slows a round down).")
     candidate_repeats: int = _f(5, "Timed runs per round when a shrink's candidate is measured against the network "
-                                   "now (3 rounds, each network in its own fresh process, after 2 untimed runs). "
+                                   "now (2-3 rounds, each network in its own fresh process: 2 untimed runs first, "
+                                   "1 before each later round). "
                                    "Fewer than network_repeats: both are timed in the same rounds, so a slow "
                                    "spell falls on both and their ratio needs fewer runs than an absolute figure "
                                    "(on the digits supernet 3 rounds of 5 gave the ratios 2 rounds of 15 gave, "
