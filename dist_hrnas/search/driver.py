@@ -17,7 +17,8 @@ from dist_hrnas.fileio import atomic_write_text
 from dist_hrnas.latency import (LatencyProfile, Timer, make_timer, measure_network_on_rank0, profile_on_rank0,
                                 start_network_timer)
 from dist_hrnas.latency.calibration import Parts
-from dist_hrnas.latency.measure import Figures, compare_networks
+from dist_hrnas.latency.measure import compare_networks
+from dist_hrnas.latency.rounds import Figures
 from dist_hrnas.latency.timing import candidate_settings
 from dist_hrnas.models import HRNet, count_macs, export_arch, model_from_arch
 from dist_hrnas.names import RunFiles

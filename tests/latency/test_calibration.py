@@ -10,7 +10,7 @@ import torch
 from dist_hrnas.config import load_config
 from dist_hrnas.latency.calibration import Calibration, sample_arch_widths
 from dist_hrnas.latency.curve import curve_grid
-from dist_hrnas.latency.measure import interleaved, settled
+from dist_hrnas.latency.rounds import interleaved, settled
 from dist_hrnas.models import build_model
 from tests.conftest import CONFIGS, SEARCH
 
