@@ -370,6 +370,8 @@ def run(cfg: Config, ctx: comm.DistContext) -> dict:
     finally:
         job.writer.close()
         job.state.engine.release()
+        if job.search is not None:
+            job.search.close()
     if job.resumed and math.isnan(top1):  # resumed after the last epoch had finished: evaluate what we have
         state = job.state
         top1, val_loss = evaluate(state.ema.module if state.ema else state.model, job.val_loader, ctx.device)

@@ -19,10 +19,13 @@ A child builds one network and times rounds of it when asked (a round: the media
 ``latency.network_repeats`` runs). A figure alone is the fastest of several rounds, each in its own fresh
 child. Networks compared with each other (a shrink's candidate against the network now) each get one fresh
 child for the comparison, which runs only that network, and are timed in the same rounds, alternating their
-order, so a slow spell of the machine falls on both.
+order, so a slow spell of the machine falls on both. A search keeps a comparison's children until its next
+comparison, which times the network now (the candidate just taken, or the network just kept) in the child that
+timed it last: that child still runs nothing but its one network, and starting it again cost as much as timing it.
 """
 from __future__ import annotations
 
+import json
 import multiprocessing
 from dataclasses import asdict
 from multiprocessing.connection import Connection
@@ -107,12 +110,16 @@ class _NetworkProcess:
 class CleanProcessTimer:
     """Times whole networks, each in a fresh child process (see the module docstring)."""
 
-    def __init__(self, cfg: LatencyConfig, image_size: int):
+    def __init__(self, cfg: LatencyConfig, image_size: int, keep_children: bool = False):
+        """``keep_children``: a comparison's children stay alive until the next comparison, which times any
+        network it shares with this one in that child instead of starting another (see :meth:`compare`)."""
         method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
         self._ctx = multiprocessing.get_context(method)
         if method == "forkserver":  # the server imports torch once; each child is a cheap fork of it
             self._ctx.set_forkserver_preload(["dist_hrnas.latency.clean_process"])
         self.cfg, self.cfg_fields, self.image_size = cfg, asdict(cfg), image_size
+        self.keep_children = keep_children
+        self._kept: dict[str, _NetworkProcess] = {}  # (architecture, settings) -> the child holding it
         self.calls = 0
         self.children = 0  # child processes started (what the benchmarks count)
 
@@ -126,24 +133,49 @@ class CleanProcessTimer:
                 settings: LatencyConfig | None = None,
                 decided: Callable[[Figures, int], bool] | None = None) -> Figures:
         """Each network's (fastest round, spread), timed in the same rounds (:func:`interleaved`). Each network
-        lives in a fresh child of its own for the comparison, which runs nothing else and times a round when
-        asked: a child per round paid its start (~0.5 s) every round, more than a round of a small network.
-        The children start and build side by side (nothing is timed until all are built).
+        lives in a child of its own, which runs nothing else and times a round when asked: a child per round
+        paid its start (~0.5 s) every round, more than a round of a small network. The children start and build
+        side by side (nothing is timed until all are built). With ``keep_children`` a network the previous
+        comparison timed (a search's network now: the candidate it took, or the one it kept) is timed again in
+        that comparison's child, which still runs only that network; the others start fresh.
         ``settings`` (e.g. a candidate comparison's fewer runs) replace the timer's for these rounds; ``decided``
         as in :func:`interleaved`."""
         self.calls += 1
         fields = self.cfg_fields if settings is None else asdict(settings)
-        workers: list[_NetworkProcess] = []
+        kept, self._kept = self._kept, {}
+        workers: list[tuple[str, _NetworkProcess]] = []
+        started: list[_NetworkProcess] = []  # a kept child answered "built" long ago: only new ones are waited for
         try:
             for model in models:
-                workers.append(_NetworkProcess(self._ctx, export_arch(model), fields, self.image_size, wait=False))
-                self.children += 1
-            for worker in workers:
+                arch = export_arch(model)
+                key = json.dumps({"arch": arch, "settings": fields}, sort_keys=True)
+                worker = kept.pop(key, None)
+                if worker is not None and not worker.process.is_alive():  # ended since: time it afresh
+                    worker.close()
+                    worker = None
+                if worker is None:
+                    worker = _NetworkProcess(self._ctx, arch, fields, self.image_size, wait=False)
+                    started.append(worker)
+                    self.children += 1
+                workers.append((key, worker))
+            _close_all(kept.values())
+            for worker in started:
                 worker.built()
-            return interleaved([w.round for w in workers], settings or self.cfg, rounds, retakes, decided)
-        finally:
-            for worker in workers:
-                worker.close()
+            figures = interleaved([w.round for _, w in workers], settings or self.cfg, rounds, retakes, decided)
+        except BaseException:
+            _close_all(w for _, w in workers)
+            raise
+        if self.keep_children:
+            self._kept = dict(workers)  # the same network twice in one comparison: the later child is kept
+            _close_all(w for k, w in workers if self._kept[k] is not w)
+        else:
+            _close_all(w for _, w in workers)
+        return figures
+
+    def close(self) -> None:
+        """End the children kept from the last comparison (a kept child otherwise lives until the run ends)."""
+        kept, self._kept = self._kept, {}
+        _close_all(kept.values())
 
     def _round(self, arch: dict) -> float:
         """One round of one network, in a fresh child process."""
@@ -155,9 +187,14 @@ class CleanProcessTimer:
             worker.close()
 
 
-def start_network_timer(cfg: LatencyConfig, image_size: int) -> CleanProcessTimer | None:
+def _close_all(workers) -> None:
+    for worker in list(workers):
+        worker.close()
+
+
+def start_network_timer(cfg: LatencyConfig, image_size: int, keep_children: bool = False) -> CleanProcessTimer | None:
     """The clean-process timer on the rank that measures (global rank 0) when ``latency.clean_process`` is on
     and the target is this machine; None elsewhere (networks are then timed in-process, or not at all)."""
     if not cfg.clean_process or cfg.lut_device or (comm.is_initialized() and comm.rank() != 0):
         return None
-    return CleanProcessTimer(cfg, image_size)
+    return CleanProcessTimer(cfg, image_size, keep_children)

@@ -44,8 +44,10 @@ class Search:
         """Measure (rank 0) and build the registry, or restore both from a checkpoint's ``saved`` state."""
         self.cfg, self.image_size, self.files, self.timer = cfg, image_size, RunFiles(Path(run_dir)), timer
         self.enabled = cfg.prune.penalty != "none"
-        # A run that times for real (no injected timer) times whole networks in clean processes.
-        self.network_timer = start_network_timer(cfg.latency, image_size) if timer is None else None
+        # A run that times for real (no injected timer) times whole networks in clean processes; the children of
+        # a shrink's comparison stay until the next one, which times the network now in its child again.
+        self.network_timer = start_network_timer(cfg.latency, image_size, keep_children=True) if timer is None \
+            else None
         if saved is None:
             self.profile = profile_on_rank0(model, image_size, cfg.latency, timer, progress=cfg.log.progress,
                                             network_timer=self.network_timer)
@@ -165,6 +167,11 @@ class Search:
         self.candidate_networks_timed += len(archs)
         self.candidate_timing_s += time.perf_counter() - start
         return figures
+
+    def close(self) -> None:
+        """End the timing children kept between comparisons (rank 0; nothing to do elsewhere)."""
+        if self.network_timer is not None:
+            self.network_timer.close()
 
     def measured_without_cut(self, decision: Decision) -> None:
         """A budget decision that timed the network now and cut nothing: if that figure is at or under the target,

@@ -47,6 +47,33 @@ def test_a_comparison_gives_each_network_one_fresh_process_and_its_settings(monk
     assert timer.children == 4 and not multiprocessing.active_children()   # every child has been joined
 
 
+def test_kept_children_time_a_network_of_the_last_comparison_again_and_no_other(monkeypatch):
+    """With keep_children (a search) the next comparison times the network now in the child that timed it last
+    (its own child still, running nothing else); every other network, and any other settings, start fresh."""
+    import dist_hrnas.latency.clean_process as clean_process
+    from dist_hrnas.latency.timing import candidate_settings
+
+    monkeypatch.setattr(clean_process, "_serve_network", _serve_answers)
+    cfg = _cfg("latency.network_spread=1e9").latency
+    timer = CleanProcessTimer(cfg, 16, keep_children=True)
+    timer._ctx = multiprocessing.get_context("spawn")             # the stand-in lives in this test module
+    now = build_model(_cfg().model)
+    candidate, other = build_model(_cfg().model), build_model(_cfg().model)
+    for model, keep in ((candidate, 2), (other, 1)):
+        name, block = model.named_blocks()[-1]
+        shrink_model(model, {name: [torch.arange(b.hidden) < keep for b in block.branches]})
+    first = [int(s) for s, _ in timer.compare([now, candidate], 2, 0)]
+    assert len(multiprocessing.active_children()) == 2              # both kept after the comparison
+    second = [int(s) for s, _ in timer.compare([candidate, other], 2, 0)]  # the candidate was taken
+    assert second[0] == first[1] and second[1] not in first and timer.children == 3
+    third = [int(s) for s, _ in timer.compare([candidate, other], 1, 0, candidate_settings(cfg))]
+    assert not set(third) & set(second) and timer.children == 5     # other settings: other children
+    same = [int(s) for s, _ in timer.compare([candidate, candidate], 1, 0, candidate_settings(cfg))]
+    assert same[0] == third[0] and same[1] != same[0] and len(multiprocessing.active_children()) == 1
+    timer.close()
+    assert not multiprocessing.active_children()
+
+
 def test_each_network_is_timed_in_its_own_fresh_process():
     cfg = _cfg()
     model = build_model(cfg.model)

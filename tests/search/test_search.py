@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 
 import pytest
 import torch
@@ -20,6 +21,8 @@ from tests.conftest import CONFIGS, SEARCH, SMALL
 def search_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("search")
     assert train.main(["--config", str(CONFIGS / "digits.yaml"), *SEARCH, f"log.run_dir={run_dir}"]) == 0
+    # the timing children a search keeps between its comparisons end with the run
+    assert not multiprocessing.active_children()
     return run_dir
 
 
