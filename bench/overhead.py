@@ -260,7 +260,8 @@ def candidate_timing(work: Path) -> dict:
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
     summary = json.loads((run_dir / "summary.json").read_text())
     return {"candidate_timing_s": summary["candidate_timing_s"], "candidate_networks_timed":
-            summary["candidate_networks_timed"], "digits_search_wall_s": summary["wall_time_s"],
+            summary["candidate_networks_timed"], "candidate_comparisons": summary["candidate_comparisons"],
+            "shrinks": summary["shrinks"], "digits_search_wall_s": summary["wall_time_s"],
             "candidate_timing_share": round(summary["candidate_timing_s"] / summary["wall_time_s"], 3),
             "candidate_timing_target_max": 0.10}
 

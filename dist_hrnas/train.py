@@ -25,7 +25,6 @@ from dist_hrnas.config import Config, save_config
 from dist_hrnas.data import Datasets, build_datasets, build_loaders
 from dist_hrnas.errors import NonFiniteLossError, UserError, exits_cleanly_on_user_error
 from dist_hrnas.fileio import atomic_write_json
-from dist_hrnas.latency.lut import lut_device_name
 from dist_hrnas.metrics import NullWriter, get_logger, make_writer
 from dist_hrnas.models import (HRNet, build_model, count_macs, count_params, export_arch, model_from_arch,
                                save_arch_file)
@@ -327,23 +326,7 @@ def write_summary(job: Job, top1: float, val_loss: float, wall_s: float) -> dict
                "world_size": job.ctx.world_size, "epochs": cfg.train.epochs, "steps": job.state.step,
                "wall_time_s": round(wall_s, 2)}
     if search:
-        summary |= {"penalty": cfg.prune.penalty, "shrinks": len(search.shrinks),
-                    "latency_ms_supernet": round(search.latency_ms_supernet, 4),
-                    "latency_ms_searched": round(search.latency_ms_measured, 4),
-                    # where the latency figures come from: timed on this machine, or another machine's LUT
-                    "latency_source": f"lut:{lut_device_name(cfg.latency)}" if cfg.latency.lut_device
-                    else "measured",
-                    "latency_ms_searched_predicted": round(search.predicted_ms(model), 4),
-                    "params_searched": count_params(model),
-                    "macs_searched": sum(count_macs(model, data.channels, data.image_size).values()),
-                    "latency_device": cfg.latency.device, "latency_batch_size": cfg.latency.batch_size,
-                    # what deciding shrinks by measurement cost (rank 0, this run): networks timed, seconds
-                    "candidate_networks_timed": search.candidate_networks_timed,
-                    "candidate_timing_s": round(search.candidate_timing_s, 2)}
-        if search.budget is not None:
-            target_ms = search.budget.target_s * 1e3
-            summary |= {"target_latency_ms": round(target_ms, 4), "budget_met": search.budget.done,
-                        "latency_vs_target_pct": round(100 * (search.latency_ms_measured / target_ms - 1), 2)}
+        summary |= search.summary(model, data.channels, data.image_size)
 
     def write() -> None:
         if search:

@@ -28,8 +28,8 @@ class LatencyConfig:
                                   "the figure is the fastest of 3 rounds' medians (it decides whether a budget "
                                   "is met, and interference only ever slows a round down).")
     candidate_repeats: int = _f(5, "Timed runs per round when a shrink's candidate is measured against the network "
-                                   "now (2-3 rounds, each network in its own fresh process: 2 untimed runs first, "
-                                   "1 before each later round). "
+                                   "now (2-3 rounds, each network in a process of its own, the network now's kept "
+                                   "from the comparison before: 2 untimed runs first, 1 before each later round). "
                                    "Fewer than network_repeats: both are timed in the same rounds, so a slow "
                                    "spell falls on both and their ratio needs fewer runs than an absolute figure "
                                    "(on the digits supernet 3 rounds of 5 gave the ratios 2 rounds of 15 gave, "
@@ -72,6 +72,12 @@ class LatencyConfig:
                                           "torch.channels_last (true) or the default format (false); null = "
                                           "follow train.channels_last, the format the network trains and runs in. "
                                           "Part of the LUT fingerprint (as memory_format, when channels_last).")
+    retime_final: bool = _f(True, "At the end of a search that shrank, time the supernet and the searched network "
+                                  "again, together in the same rounds (each in a fresh process), and report both "
+                                  "and their ratio in summary.json (latency_ms_supernet_retimed, "
+                                  "latency_ms_searched_retimed, speedup_retimed): a search's own figures come from "
+                                  "the minutes they were taken in, and on a shared machine those moved 1.5x for "
+                                  "minutes (README). Not with latency.lut_device (nothing is timed here).")
     lut_device: str = _f("", "The target is another machine: use latency.lut's table measured there (its "
                              "device_name, as the profile CLI prints it; auto = the file's only table for these "
                              "settings) and time nothing here. End-to-end figures are then the LUT's supernet "

@@ -20,7 +20,8 @@ from dist_hrnas.latency.calibration import Parts
 from dist_hrnas.latency.measure import compare_networks
 from dist_hrnas.latency.rounds import Figures
 from dist_hrnas.latency.timing import candidate_settings
-from dist_hrnas.models import HRNet, count_macs, export_arch, model_from_arch
+from dist_hrnas.latency.lut import lut_device_name
+from dist_hrnas.models import HRNet, count_macs, count_params, export_arch, model_from_arch
 from dist_hrnas.names import RunFiles
 from dist_hrnas.parallel import comm
 from dist_hrnas.search.budget import BudgetSteer
@@ -70,6 +71,7 @@ class Search:
         self.start_logged = saved is not None  # a resumed run logged its start already
         self.predicted_now_s = self.profile.predict_s(model)
         self.candidate_networks_timed = 0  # end-to-end figures taken to decide shrinks (the overhead benchmark)
+        self.candidate_comparisons = 0     # ... in this many comparisons (a budget landing's probes count each)
         self.candidate_timing_s = 0.0
         self.budget: BudgetSteer | None = None
         if self.enabled and cfg.prune.has_budget:
@@ -165,8 +167,53 @@ class Search:
         figures = compare_networks(models, self.image_size, cfg, self.timer or make_timer(cfg), self.network_timer,
                                    rounds, retakes, decided)
         self.candidate_networks_timed += len(archs)
+        self.candidate_comparisons += 1
         self.candidate_timing_s += time.perf_counter() - start
         return figures
+
+    def summary(self, model: HRNet, channels: int, image_size: int) -> dict:
+        """The search's part of summary.json (every rank; the end re-timing is rank 0's, broadcast)."""
+        cfg = self.cfg
+        out = {"penalty": cfg.prune.penalty, "shrinks": len(self.shrinks),
+               "latency_ms_supernet": round(self.latency_ms_supernet, 4),
+               "latency_ms_searched": round(self.latency_ms_measured, 4),
+               # where the latency figures come from: timed on this machine, or another machine's LUT
+               "latency_source": f"lut:{lut_device_name(cfg.latency)}" if cfg.latency.lut_device else "measured",
+               "latency_ms_searched_predicted": round(self.predicted_ms(model), 4),
+               "params_searched": count_params(model),
+               "macs_searched": sum(count_macs(model, channels, image_size).values()),
+               "latency_device": cfg.latency.device, "latency_batch_size": cfg.latency.batch_size,
+               # what deciding shrinks by measurement cost (rank 0, this run): networks timed, seconds
+               "candidate_networks_timed": self.candidate_networks_timed,
+               "candidate_comparisons": self.candidate_comparisons,
+               "candidate_timing_s": round(self.candidate_timing_s, 2), **self.retime_final(model)}
+        if self.budget is not None:
+            target_ms = self.budget.target_s * 1e3
+            out |= {"target_latency_ms": round(target_ms, 4), "budget_met": self.budget.done,
+                    "latency_vs_target_pct": round(100 * (self.latency_ms_measured / target_ms - 1), 2)}
+        return out
+
+    def retime_final(self, model: HRNet) -> dict:
+        """summary.json's ``*_retimed`` keys: the supernet and ``model`` timed again at the end, together in the same
+        rounds (rank 0, each in a fresh process; broadcast), so their ratio holds however slow the machine was in
+        the minutes the search's own figures were taken. Empty when nothing was cut, when the target is another
+        machine, or with ``latency.retime_final=false``."""
+        if not (self.cfg.latency.retime_final and self.shrinks and self.supernet_arch is not None) \
+                or self.cfg.latency.lut_device:
+            return {}
+
+        def on_rank0() -> list[float]:
+            models = [model_from_arch(self.supernet_arch), model_from_arch(export_arch(model))]
+            self.close()  # fresh children for both, not the last comparison's
+            figures = compare_networks(models, self.image_size, self.cfg.latency,
+                                       self.timer or make_timer(self.cfg.latency), self.network_timer)
+            self.close()  # kept as a comparison's children are; nothing is timed after this
+            return [seconds for seconds, _ in figures]
+
+        supernet_s, searched_s = comm.broadcast_object(comm.on_rank0(on_rank0, "re-timing the searched network"))
+        return {"latency_ms_supernet_retimed": round(supernet_s * 1e3, 4),
+                "latency_ms_searched_retimed": round(searched_s * 1e3, 4),
+                "speedup_retimed": round(supernet_s / searched_s, 4)}
 
     def close(self) -> None:
         """End the timing children kept between comparisons (rank 0; nothing to do elsewhere)."""

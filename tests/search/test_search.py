@@ -13,6 +13,7 @@ from dist_hrnas.latency import Timer, block_input_shapes, profile_on_rank0
 from dist_hrnas.latency.measure import measure_branches, op_signature
 from dist_hrnas.metrics import read_scalars, read_tags
 from dist_hrnas.models import build_model, count_params, load_arch_file, model_from_arch
+from dist_hrnas.search import Search
 from dist_hrnas.search.masks import flatten_masks, unflatten_masks
 from tests.conftest import CONFIGS, SEARCH, SMALL
 
@@ -41,6 +42,9 @@ def test_search_shrinks_and_writes_outputs(search_run):
             assert key in rec, key
         assert rec["latency_ms_predicted_after"] < rec["latency_ms_predicted_before"]
     assert lines[-1]["latency_ms_measured_after"] == pytest.approx(summary["latency_ms_searched"], rel=1e-3)
+    # the supernet and the searched network, re-timed together at the end (latency.retime_final)
+    retimed = summary["latency_ms_supernet_retimed"] / summary["latency_ms_searched_retimed"]
+    assert summary["speedup_retimed"] == pytest.approx(retimed, rel=1e-3) and summary["speedup_retimed"] > 1.0
     arch = load_arch_file(search_run / "searched_arch.yaml")
     assert {b["name"]: b["widths"] for b in arch["blocks"]} == lines[-1]["widths"]
     assert count_params(model_from_arch(arch)) == summary["params_searched"]
@@ -78,6 +82,17 @@ def test_a_launch_aware_search_runs_and_checkpoints_its_fixed_costs(tmp_path):
     assert any(e["fixed_s"] > 0 and e["group_penalty"] > 0 for e in registry["entries"])
     assert set(registry["join_s"]) <= {e["block"] for e in registry["entries"]}
     assert read_scalars(run_dir / "tb")["train/bn_l1_loss"][-1][1] > 0
+
+
+def test_the_end_re_timing_needs_a_shrink_and_its_setting(tmp_path):
+    """latency.retime_final=false, or a search that cut nothing: no *_retimed keys, nothing timed for them."""
+    cfg = load_config(CONFIGS / "digits.yaml", [*SEARCH, "latency.retime_final=false"])
+    model = build_model(cfg.model)
+    search = Search(cfg, model, cfg.data.image_size, tmp_path)
+    calls = search.network_timer.calls
+    assert search.retime_final(model) == {}                 # no shrink yet
+    search.shrinks.append({"step": 1})                     # as after a shrink
+    assert search.retime_final(model) == {} and search.network_timer.calls == calls
 
 
 def test_mask_flattening_round_trips():
