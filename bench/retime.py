@@ -50,5 +50,9 @@ def retimed_run(run_dir: Path) -> dict:
         rows.append({"step": rec["step"], "retimed_ms_before": round(before, 3), "retimed_ms_after": round(after, 3),
                      "run_measured_ms_after": rec["latency_ms_measured_after"], "predicted_ms_after": predicted,
                      "error_pct": round(100 * (predicted - after) / after, 2),
+                     # before the shrink's own figure joined the fit (runs from before the key: absent)
+                     **({"error_pct_before_refit": round(100 * (rec["latency_ms_predicted_after_before_refit"] - after)
+                                                         / after, 2)}
+                        if "latency_ms_predicted_after_before_refit" in rec else {}),
                      "raises_latency": after > 1.02 * before})
     return {"run_dir": str(run_dir), "supernet_retimed_ms": round(ms[0], 3), "shrinks": rows}

@@ -109,6 +109,8 @@ def shrink(search: Search, state: TrainState, ctx: comm.DistContext, decision: D
     if ema_model is not None:
         shrink_model(ema_model, masks)
     arch_hash, rank_hashes = check_same_on_all_ranks(model, state.step)
+    # the model's prediction before this shrink's measurements join its fit: the out-of-sample figure
+    unseen_ms = search.profile.predict_s(model) * 1e3
     search.after_surgery(model, decision.probes)
     rewrap(state, search.cfg, ctx, lambda old, new: carry_optimizer_state(old, old_params, new, model, result))
     if search.cfg.prune.bn_calibration_steps:
@@ -119,7 +121,8 @@ def shrink(search: Search, state: TrainState, ctx: comm.DistContext, decision: D
     after_ms = search.predicted_now_s * 1e3
     extra = {"latency_error_pct_after": round(board.error_pct(after_ms, measured_ms), 3),
              "arch_hash": arch_hash, "rank_hashes": rank_hashes, "remeasured": remeasured,
-             "measured_before_cut": decision.measured_s is not None}
+             "measured_before_cut": decision.measured_s is not None,
+             "latency_ms_predicted_after_before_refit": round(unseen_ms, 4)}
     if decision.before_s is not None:  # the network before this shrink, re-timed in the same rounds
         extra["latency_ms_measured_before"] = round(decision.before_s * 1e3, 4)
     if len(decision.probes) > 1:  # a landing that timed several candidates: each one's figure, in timing order
