@@ -42,9 +42,13 @@ from dist_hrnas.models import HRNet, export_arch, model_from_arch
 from dist_hrnas.latency.timing import make_timer
 
 POLL_S = 2.0  # how often a waiting parent checks that the child is still alive
-# Untimed runs before each round after a child's first: oneDNN has made its kernels in the first round's warmup,
-# and one run brings the network's data back into the caches the other networks' rounds used in between.
-LATER_ROUND_WARMUP = 1
+# Untimed runs before each round after a child's first: none. oneDNN made its kernels in the first round's warmup;
+# what is left is the round's first run bringing the network's data back into the caches the other networks'
+# rounds used, and the median of a round's runs does not see one slow run: two digits networks alternating in
+# rounds of 8 runs at batch 32, the first run of a later round read 0.98-1.16x the others (median over 7 rounds)
+# and the median of runs 1-5 read 1.003x / 1.000x that of runs 2-6. The warmup run cost a sixth of every later
+# round of a candidate comparison (latency.candidate_repeats: 5).
+LATER_ROUND_WARMUP = 0
 
 
 def _serve_network(arch: dict, cfg_fields: dict, image_size: int, conn: Connection) -> None:  # in the child

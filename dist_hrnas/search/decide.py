@@ -69,7 +69,7 @@ class Decision:
     measured_s: float | None = None   # the chosen candidate, end to end (None: not measured)
     before_s: float | None = None     # the network now, timed in the same rounds
     probes: list[tuple[dict, float]] = field(default_factory=list)  # (calibration parts, measured seconds)
-    scale: float = 1.0  # measured figures were scaled by this to the start's supernet figure (see _timed)
+    scale: float = 1.0  # measured figures were scaled by this to the start's units (see _timed)
 
 
 def decide_by_model(search: "Search", model: HRNet, masks: Masks, epoch: int, last_epoch: bool) -> Decision:
@@ -121,12 +121,12 @@ def _confirm(search: "Search", model: HRNet, masks: Masks, epoch: int, last_epoc
             return Decision(masks, False)
     probes = []
     for candidate in candidates:
-        (now_s, now_spread), (after_s, after_spread), _ = _timed(search, model, candidate)
+        (now_s, now_spread), (after_s, after_spread), scale = _timed(search, model, candidate)
         probes.append((search.profile.parts(shrunk_view(model, candidate)), after_s))
         if after_s < now_s * (1.0 - required_gain(now_spread, after_spread)):
             refitted = [REFITTED_WHOLE_BRANCHES] if candidate is whole else []
-            return Decision(candidate, True, refitted, after_s, now_s, probes[-1:])
-    return Decision(masks, False, [REFUSED_MEASURED_SLOWER], before_s=now_s, probes=probes)
+            return Decision(candidate, True, refitted, after_s, now_s, probes[-1:], scale)
+    return Decision(masks, False, [REFUSED_MEASURED_SLOWER], before_s=now_s, probes=probes, scale=scale)
 
 
 def _budget_candidates(search: "Search", model: HRNet, masks: Masks, epoch: int, last_epoch: bool) -> Decision:
@@ -206,14 +206,32 @@ def _timed(search: "Search", model: HRNet, candidate: Masks,
     both figures are scaled by (the supernet's figure at the start) / (its figure now): the target is a ratio to
     the supernet, and this VM's speed moved 10-17 % between minutes, so a landing judged against a start figure
     taken minutes before missed by that much. A supernet figure whose rounds disagree beyond
-    ``latency.network_spread`` is not used (scale 1): one disturbed figure must not move the landing. Before the
-    landing only "faster than now" is decided, which needs no reference, and no retake once it is settled."""
+    ``latency.network_spread`` is not used: one disturbed figure must not move the landing. Without the supernet
+    in the rounds both are scaled by :func:`slow_spell_scale` (the network now against its own earlier figure;
+    not when the network now's rounds disagree beyond ``latency.network_spread``). Before
+    the landing only "faster than now" is decided (a ratio the scale leaves alone), and no retake once it is
+    settled."""
     archs = [export_arch(model), arch_after_masks(model, candidate)]
     reference = search.budget_reference_arch() if landing else None
     at = None if reference is None else 0 if reference == archs[0] else len(archs)  # the supernet's figure
     if at == len(archs):
         archs.append(reference)
     figures = search.compare_on_rank0(archs, CANDIDATE_ROUNDS, CANDIDATE_RETAKES, None if landing else _settled)
-    trusted = at is not None and figures[at][1] <= search.cfg.latency.network_spread
-    scale = search.budget.supernet_measured_s / figures[at][0] if trusted else 1.0
+    spread = search.cfg.latency.network_spread  # a figure whose rounds disagree more is not a reference
+    if at is not None:
+        scale = search.budget.supernet_measured_s / figures[at][0] if figures[at][1] <= spread else 1.0
+    else:
+        scale = slow_spell_scale(search.latency_ms_measured * 1e-3, figures[0][0]) if figures[0][1] <= spread else 1.0
     return (figures[0][0] * scale, figures[0][1]), (figures[1][0] * scale, figures[1][1]), scale
+
+
+def slow_spell_scale(reference_s: float, now_s: float) -> float:
+    """The factor that takes a comparison's figures back to the start's units when the network now reads slower
+    than its own earlier figure (``reference_s``, itself in those units): ``reference_s / now_s``, at most 1.
+    Only the network changes a network's latency, and this VM's speed moved 10-17 % between minutes (once 1.6x
+    for minutes), so a network now slower than before means the machine is slower now, by the same factor for
+    the candidate timed in the same rounds; unscaled, those figures joined the calibration at that minute's speed
+    and every later prediction leaned towards it (run F: predictions 3-10 % over the re-timed figures at batch
+    32). Never above 1: a machine only ever slows a figure down, so a network now faster than before says its
+    earlier figure was the slow one, not that this candidate's is fast."""
+    return min(1.0, reference_s / now_s) if now_s > 0 and reference_s > 0 else 1.0

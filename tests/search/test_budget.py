@@ -323,6 +323,7 @@ def _measured_budget_search(tmp_path, lut, seconds_of_prediction, **overrides):
     budget = search.budget
     budget.supernet_measured_s, budget.target_s = supernet_s, 0.6 * supernet_s
     budget.points = [(search.supernet_predicted_s, supernet_s)]                    # what the supernet measured
+    search.latency_ms_measured = supernet_s * 1e3                                   # the network now's figure
     for key, value in overrides.items():
         setattr(device, key, value)
     return search, model, device
@@ -442,6 +443,33 @@ def test_a_ratio_budget_judges_candidates_against_the_supernet_timed_in_the_same
     assert decision.due and decision.measured_s <= budget.target_s < decision.measured_s / decision.scale
     device.spread = 2 * search.cfg.latency.network_spread  # rounds that disagree: the supernet's figure is not used
     assert decide_by_measurement(search, model, {}, epoch=7, last_epoch=True).scale == 1.0
+
+
+@pytest.mark.parametrize("slower", [1.25, 0.8])
+def test_a_comparison_in_a_slow_spell_is_scaled_back_by_the_network_nows_own_earlier_figure(tmp_path, even_lut,
+                                                                                           monkeypatch, slower):
+    """Before the landing no supernet is timed beside the candidate: the network now (here the supernet) reads
+    25 % slower than its figure from the start, so the machine is, and both figures (the candidate's, which the
+    calibration takes) come back to the start's units. A machine 20 % faster than at the start leaves them alone:
+    a network now faster than before says its earlier figure was the slow one."""
+    from dist_hrnas.search.decide import MEASURABLE_GAIN, decide_by_measurement, slow_spell_scale
+    from dist_hrnas.search.masks import shrunk_view
+
+    search, model, device = _measured_budget_search(tmp_path, even_lut, lambda p, p0: 1.2 * p, slower=slower)
+    supernet_s = search.budget.supernet_measured_s
+    aim_s = (1.0 - 3 * MEASURABLE_GAIN) * supernet_s
+    monkeypatch.setattr(search.budget, "aim_s", lambda epoch, last_epoch: aim_s)
+    decision = decide_by_measurement(search, model, {}, epoch=2, last_epoch=False)
+    assert device.compared == [2] and decision.due                  # the network now and the candidate only
+    scale = min(1.0, 1.0 / slower)
+    assert decision.scale == pytest.approx(scale)
+    assert decision.before_s == pytest.approx(slower * scale * supernet_s)
+    raw_s = slower * device.seconds(shrunk_view(model, decision.masks))  # what the machine read this minute
+    assert decision.measured_s == pytest.approx(scale * raw_s)
+    assert decision.probes[0][1] == pytest.approx(scale * raw_s)      # the calibration takes it scaled
+    assert decision.measured_s / decision.before_s < 1.0 - MEASURABLE_GAIN  # the ratio the decision read: unscaled
+    assert slow_spell_scale(0.05, 0.1) == 0.5 and slow_spell_scale(0.1, 0.05) == 1.0
+    assert slow_spell_scale(0.0, 0.1) == 1.0 and slow_spell_scale(0.1, 0.0) == 1.0
 
 
 def test_a_network_that_already_measures_under_the_target_meets_the_budget_without_a_cut(tmp_path, even_lut):
