@@ -147,7 +147,7 @@ def trajectory(work: Path) -> dict:
     """Three real digits searches; every shrink's prediction against its network re-timed afterwards."""
     import subprocess
 
-    out, errors, budgets = {}, [], {}
+    out, errors, unseen, budgets = {}, [], [], {}
     # training may use every core (its speed is not what is measured); timing stays at latency.threads
     env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
     for name, extra in {**TRAJECTORY_RUNS, **BUDGET_RUNS}.items():
@@ -164,6 +164,7 @@ def trajectory(work: Path) -> dict:
                                                           "candidate_timing_s", "candidate_networks_timed")}
         if name in TRAJECTORY_RUNS:
             errors += [abs(r["error_pct"]) for r in retimed["shrinks"]]
+            unseen += [abs(r["error_pct_before_refit"]) for r in retimed["shrinks"] if "error_pct_before_refit" in r]
         if summary.get("target_latency_ms") and retimed["shrinks"]:
             final = retimed["shrinks"][-1]["retimed_ms_after"]
             ratio = float(dict(a.split("=") for a in extra)["prune.target_ratio"])
@@ -177,6 +178,9 @@ def trajectory(work: Path) -> dict:
         out[name] = retimed
     out["median_abs_error_pct"] = round(statistics.median(errors), 2) if errors else None
     out["max_abs_error_pct"] = round(max(errors), 2) if errors else None
+    # the same, out of sample: each prediction made before its shrink's own figure joined the calibration
+    out["median_abs_error_pct_before_refit"] = round(statistics.median(unseen), 2) if unseen else None
+    out["max_abs_error_pct_before_refit"] = round(max(unseen), 2) if unseen else None
     out["shrinks"] = len(errors)
     out["budgets"] = budgets
     out["shrinks_raising_measured_latency"] = sum(r["raises_latency"] for k, v in out.items() if isinstance(v, dict)
