@@ -206,21 +206,22 @@ def _timed(search: "Search", model: HRNet, candidate: Masks,
     both figures are scaled by (the supernet's figure at the start) / (its figure now): the target is a ratio to
     the supernet, and this VM's speed moved 10-17 % between minutes, so a landing judged against a start figure
     taken minutes before missed by that much. A supernet figure whose rounds disagree beyond
-    ``latency.network_spread`` is not used: one disturbed figure must not move the landing. Without a supernet
-    figure to use both are scaled by :func:`slow_spell_scale` (the network now against its own earlier figure),
-    however far its rounds disagree: the scale only ever takes figures down, and even the network's fastest
-    round reading slower than before says every round was slow. Before the landing only "faster than now" is
-    decided (a ratio the scale leaves alone), and no retake once it is settled."""
+    ``latency.network_spread`` is not used: one disturbed figure must not move the landing. Without the supernet
+    in the rounds both are scaled by :func:`slow_spell_scale` (the network now against its own earlier figure;
+    not when the network now's rounds disagree beyond ``latency.network_spread``). Before
+    the landing only "faster than now" is decided (a ratio the scale leaves alone), and no retake once it is
+    settled."""
     archs = [export_arch(model), arch_after_masks(model, candidate)]
     reference = search.budget_reference_arch() if landing else None
     at = None if reference is None else 0 if reference == archs[0] else len(archs)  # the supernet's figure
     if at == len(archs):
         archs.append(reference)
     figures = search.compare_on_rank0(archs, CANDIDATE_ROUNDS, CANDIDATE_RETAKES, None if landing else _settled)
-    if at is not None and figures[at][1] <= search.cfg.latency.network_spread:
-        scale = search.budget.supernet_measured_s / figures[at][0]
+    spread = search.cfg.latency.network_spread  # a figure whose rounds disagree more is not a reference
+    if at is not None:
+        scale = search.budget.supernet_measured_s / figures[at][0] if figures[at][1] <= spread else 1.0
     else:
-        scale = slow_spell_scale(search.latency_ms_measured * 1e-3, figures[0][0])
+        scale = slow_spell_scale(search.latency_ms_measured * 1e-3, figures[0][0]) if figures[0][1] <= spread else 1.0
     return (figures[0][0] * scale, figures[0][1]), (figures[1][0] * scale, figures[1][1]), scale
 
 
@@ -231,6 +232,6 @@ def slow_spell_scale(reference_s: float, now_s: float) -> float:
     for minutes), so a network now slower than before means the machine is slower now, by the same factor for
     the candidate timed in the same rounds; unscaled, those figures joined the calibration at that minute's speed
     and every later prediction leaned towards it (run F: predictions 3-10 % over the re-timed figures at batch
-    32), and a searched network's own figure read 1.5x its re-timed one (run G, twice). Never above 1: a machine only ever slows a figure down, so a network now faster than before says its
+    32). Never above 1: a machine only ever slows a figure down, so a network now faster than before says its
     earlier figure was the slow one, not that this candidate's is fast."""
     return min(1.0, reference_s / now_s) if now_s > 0 and reference_s > 0 else 1.0
