@@ -208,9 +208,8 @@ def _timed(search: "Search", model: HRNet, candidate: Masks,
     taken minutes before missed by that much. A supernet figure whose rounds disagree beyond
     ``latency.network_spread`` is not used: one disturbed figure must not move the landing. Without the supernet
     in the rounds both are scaled by :func:`slow_spell_scale` (the network now against its own earlier figure;
-    not when the network now's rounds disagree beyond ``latency.network_spread``). Before
-    the landing only "faster than now" is decided (a ratio the scale leaves alone), and no retake once it is
-    settled."""
+    not when the network now's rounds disagree beyond ``latency.network_spread``). Before the landing only
+    "faster than now" is decided (a ratio the scale leaves alone), and no retake once it is settled."""
     archs = [export_arch(model), arch_after_masks(model, candidate)]
     reference = search.budget_reference_arch() if landing else None
     at = None if reference is None else 0 if reference == archs[0] else len(archs)  # the supernet's figure
