@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from dist_hrnas import export, train
+from dist_hrnas import export, export_check, train
 from dist_hrnas.checkpoint import load_checkpoint
 from dist_hrnas.config import load_config
 from dist_hrnas.data import build_datasets
@@ -188,6 +188,18 @@ def test_a_mismatch_beyond_tolerance_is_exit_code_1_naming_the_numbers(search_ru
     err = capsys.readouterr().err.strip()
     assert "torchscript: max abs logit difference" in err and "identical predictions" in err
     assert json.loads(ExportFiles(out).json.read_text())["verified"] is False
+
+
+def test_a_runtime_that_only_breaks_pytorchs_ties_otherwise_predicts_identically():
+    ref = torch.tensor([[1.0, 1.0 + 5e-7, 0.0], [2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [0.5, 0.2, 0.5]])
+    labels = torch.tensor([0, 0, 1, 2])
+    runtime = ref.clone()
+    runtime[0, 0] += 1e-6  # PyTorch's top two tie at float precision: the runtime picks the other one
+    runtime[1, 1] += 1.5  # a clear margin overturned: a different prediction
+    runtime[3, 0] -= 1e-6  # an exact tie in PyTorch (its argmax: the first), broken the other way
+    out = export_check.compare(lambda x: runtime, [(torch.zeros(4, 1), labels)], ref, labels)
+    assert out["identical_predictions"] == 3 / 4
+    assert out["top1"] == 3 / 4 and out["max_abs_logit_diff"] == pytest.approx(1.5)
 
 
 @pytest.mark.slow

@@ -48,6 +48,11 @@ CANDIDATE_ROUNDS = 3
 # rounds still disagree after that refuses by itself (required_gain grows with the spread), and every retake
 # costs the search a few seconds per network (candidate timing was 47 % of a digits search's wall with 2).
 CANDIDATE_RETAKES = 1
+# ... except at a budget's landing, where the supernet's figure scales the comparison to the start's units: a
+# landing is a few comparisons per budget search, and one whose supernet rounds disagreed after one retake went
+# unscaled (benchmark run G: a 0.35 budget landed 12 % under its ratio, its figures taken as the machine's speed
+# changed). More rounds give the fastest three more chances to agree.
+LANDING_RETAKES = 3
 # Before the last epoch a candidate is timed only when the calibrated model predicts it at least this much faster:
 # the fastest rounds of one figure agree within about this here (the default latency.network_spread), so a
 # smaller gain cannot be told from noise and timing it costs the search more than it can tell.
@@ -206,20 +211,22 @@ def _timed(search: "Search", model: HRNet, candidate: Masks,
     both figures are scaled by (the supernet's figure at the start) / (its figure now): the target is a ratio to
     the supernet, and this VM's speed moved 10-17 % between minutes, so a landing judged against a start figure
     taken minutes before missed by that much. A supernet figure whose rounds disagree beyond
-    ``latency.network_spread`` is not used: one disturbed figure must not move the landing. Without the supernet
-    in the rounds both are scaled by :func:`slow_spell_scale` (the network now against its own earlier figure;
-    not when the network now's rounds disagree beyond ``latency.network_spread``). Before the landing only
+    ``latency.network_spread`` (after LANDING_RETAKES) is not used: one disturbed figure must not move the landing.
+    Without the supernet in the rounds, or with one not used, both are scaled by :func:`slow_spell_scale` (the
+    network now against its own earlier figure; not when the network now's rounds disagree beyond
+    ``latency.network_spread``). Before the landing only
     "faster than now" is decided (a ratio the scale leaves alone), and no retake once it is settled."""
     archs = [export_arch(model), arch_after_masks(model, candidate)]
     reference = search.budget_reference_arch() if landing else None
     at = None if reference is None else 0 if reference == archs[0] else len(archs)  # the supernet's figure
     if at == len(archs):
         archs.append(reference)
-    figures = search.compare_on_rank0(archs, CANDIDATE_ROUNDS, CANDIDATE_RETAKES, None if landing else _settled)
+    figures = search.compare_on_rank0(archs, CANDIDATE_ROUNDS, LANDING_RETAKES if landing else CANDIDATE_RETAKES,
+                                      None if landing else _settled)
     spread = search.cfg.latency.network_spread  # a figure whose rounds disagree more is not a reference
-    if at is not None:
-        scale = search.budget.supernet_measured_s / figures[at][0] if figures[at][1] <= spread else 1.0
-    else:
+    if at is not None and figures[at][1] <= spread:
+        scale = search.budget.supernet_measured_s / figures[at][0]
+    else:  # no supernet in the rounds, or its rounds disagree: the network now's own earlier figure, if they agree
         scale = slow_spell_scale(search.latency_ms_measured * 1e-3, figures[0][0]) if figures[0][1] <= spread else 1.0
     return (figures[0][0] * scale, figures[0][1]), (figures[1][0] * scale, figures[1][1]), scale
 

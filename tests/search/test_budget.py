@@ -295,8 +295,11 @@ class Device:
 
     def compare(self, models, rounds=3, retakes=2, settings=None, decided=None) -> list[tuple[float, float]]:
         self.compared.append(len(models))
-        self.settings = settings
-        return [(self.slower * self.seconds(m), self.spread) for m in models]
+        self.settings, self.retakes = settings, retakes
+        return [(self.slower * self.seconds(m), self.spread_of(m)) for m in models]
+
+    def spread_of(self, model) -> float:
+        return self.spread
 
     slower = 1.0  # the whole machine this much slower than when the supernet was first measured
     spread = 0.0  # how far each figure's rounds disagree
@@ -429,19 +432,30 @@ def test_a_jump_across_the_band_is_stepped_around_by_keeping_its_branch(tmp_path
 
 def test_a_ratio_budget_judges_candidates_against_the_supernet_timed_in_the_same_rounds(tmp_path, even_lut):
     """The machine is 25 % slower than when the supernet was first measured: the candidate's raw figure is over
-    the target, but the target is a ratio to the supernet, which is timed beside it and reads 25 % slower too."""
-    from dist_hrnas.search.decide import decide_by_measurement
+    the target, but the target is a ratio to the supernet, which is timed beside it and reads 25 % slower too.
+    When the supernet's rounds disagree (after more retakes than other comparisons get), the network now's own
+    earlier figure scales them, if its rounds agree."""
+    from dist_hrnas.models import export_arch
+    from dist_hrnas.search.decide import LANDING_RETAKES, decide_by_measurement
 
     search, model, device = _measured_budget_search(tmp_path, even_lut, lambda p, p0: 1.2 * p, slower=1.25)
     _shrink_first_block(search, model)                              # the network now is not the supernet
     budget = search.budget
     decision = decide_by_measurement(search, model, {}, epoch=7, last_epoch=True)
     assert device.compared == [3]                                   # the network now, the candidate, the supernet
+    assert device.retakes == LANDING_RETAKES
     assert decision.scale == pytest.approx(1 / 1.25)                # every figure back in the start's units
     assert decision.before_s == pytest.approx(1.2 * search.profile.predict_s(model))
     # taken at or under the target in the start's units; its raw figure (this minute's) is over it
     assert decision.due and decision.measured_s <= budget.target_s < decision.measured_s / decision.scale
-    device.spread = 2 * search.cfg.latency.network_spread  # rounds that disagree: the supernet's figure is not used
+    # the supernet's rounds disagree, the network now's agree: the network now against its own earlier figure
+    disagree = 2 * search.cfg.latency.network_spread
+    supernet_arch = search.budget_reference_arch()
+    device.spread_of = lambda m: disagree if export_arch(m) == supernet_arch else 0.0
+    search.latency_ms_measured = device.seconds(model) * 1e3
+    decision = decide_by_measurement(search, model, {}, epoch=7, last_epoch=True)
+    assert decision.scale == pytest.approx(1 / 1.25) and decision.before_s == pytest.approx(device.seconds(model))
+    device.spread_of = lambda m: disagree  # every figure's rounds disagree: nothing is a reference, no scale
     assert decide_by_measurement(search, model, {}, epoch=7, last_epoch=True).scale == 1.0
 
 
