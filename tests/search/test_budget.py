@@ -10,6 +10,7 @@ import torch
 
 from dist_hrnas.config import PruneConfig
 from dist_hrnas.errors import UserError
+from dist_hrnas.models import export_arch
 from dist_hrnas.search.budget import BudgetSteer, PrunedSecondsPlan, RhoController
 from dist_hrnas.search.ranking import BranchChannels, masks_without, ranked_channels
 
@@ -296,10 +297,13 @@ class Device:
     def compare(self, models, rounds=3, retakes=2, settings=None, decided=None) -> list[tuple[float, float]]:
         self.compared.append(len(models))
         self.settings, self.retakes = settings, retakes
-        return [(self.slower * self.seconds(m), self.spread_of(m)) for m in models]
+        return [(self.slower_of(m) * self.seconds(m), self.spread_of(m)) for m in models]
 
     def spread_of(self, model) -> float:
         return self.spread
+
+    def slower_of(self, model) -> float:
+        return self.slower
 
     slower = 1.0  # the whole machine this much slower than when the supernet was first measured
     spread = 0.0  # how far each figure's rounds disagree
@@ -435,7 +439,6 @@ def test_a_ratio_budget_judges_candidates_against_the_supernet_timed_in_the_same
     the target, but the target is a ratio to the supernet, which is timed beside it and reads 25 % slower too.
     When the supernet's rounds disagree (after more retakes than other comparisons get), the network now's own
     earlier figure scales them, if its rounds agree."""
-    from dist_hrnas.models import export_arch
     from dist_hrnas.search.decide import LANDING_RETAKES, decide_by_measurement
 
     search, model, device = _measured_budget_search(tmp_path, even_lut, lambda p, p0: 1.2 * p, slower=1.25)
@@ -484,6 +487,25 @@ def test_a_comparison_in_a_slow_spell_is_scaled_back_by_the_network_nows_own_ear
     assert decision.measured_s / decision.before_s < 1.0 - MEASURABLE_GAIN  # the ratio the decision read: unscaled
     assert slow_spell_scale(0.05, 0.1) == 0.5 and slow_spell_scale(0.1, 0.05) == 1.0
     assert slow_spell_scale(0.0, 0.1) == 1.0 and slow_spell_scale(0.1, 0.0) == 1.0
+
+
+def test_a_slow_spell_scale_never_takes_a_candidate_under_its_prediction(tmp_path, even_lut, monkeypatch):
+    """The network now reads 1.5x its earlier figure, its candidate in the same rounds only what the device
+    runs it at (1.2x the model's prediction here): the network now's scale (1/1.5) would put the candidate at
+    0.8x its real figure, under the model's own prediction; it is raised to the prediction (1/1.2), no further."""
+    from dist_hrnas.search.decide import MEASURABLE_GAIN, decide_by_measurement, no_lower_than_predicted
+    from dist_hrnas.search.masks import predict_after_masks
+
+    search, model, device = _measured_budget_search(tmp_path, even_lut, lambda p, p0: 1.2 * p)
+    now_arch = export_arch(model)
+    device.slower_of = lambda m: 1.5 if export_arch(m) == now_arch else 1.0
+    aim_s = (1.0 - 3 * MEASURABLE_GAIN) * search.budget.supernet_measured_s
+    monkeypatch.setattr(search.budget, "aim_s", lambda epoch, last_epoch: aim_s)
+    decision = decide_by_measurement(search, model, {}, epoch=2, last_epoch=False)
+    assert device.compared == [2] and decision.scale == pytest.approx(1 / 1.2)
+    assert decision.measured_s == pytest.approx(predict_after_masks(search.profile, model, decision.masks))
+    assert no_lower_than_predicted(0.5, 2.0, 1.5) == 0.75 and no_lower_than_predicted(0.5, 2.0, 0.8) == 0.5
+    assert no_lower_than_predicted(0.5, 1.0, 3.0) == 1.0 and no_lower_than_predicted(1.2, 1.0, 3.0) == 1.2
 
 
 def test_a_network_that_already_measures_under_the_target_meets_the_budget_without_a_cut(tmp_path, even_lut):
