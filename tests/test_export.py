@@ -19,7 +19,7 @@ from dist_hrnas.data import build_datasets
 from dist_hrnas.models import build_model, export_arch, model_from_arch, save_arch_file
 from dist_hrnas.names import ExportFiles, RunFiles
 from dist_hrnas.search.surgery import shrink_model
-from tests.conftest import CONFIGS, SEARCH, SMALL
+from tests.conftest import CONFIGS, SEARCH, SHRINKS, SMALL
 
 # what the issue lists for export.json (names are a public contract)
 ISSUE_KEYS = {"paths", "opset", "weights", "val_top1_pytorch", "val_top1_onnxruntime", "val_top1_torchscript",
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:D
 @pytest.fixture(scope="module")
 def search_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("export_search")
-    assert train.main(["--config", DIGITS, *SEARCH, f"log.run_dir={d}"]) == 0
+    assert train.main(["--config", DIGITS, *SEARCH, *SHRINKS, f"log.run_dir={d}"]) == 0
     assert (d / RunFiles.SHRINKS).read_text().strip(), "the fixture run must shrink at least once"
     return d
 

@@ -12,7 +12,7 @@ from dist_hrnas import report, train
 from dist_hrnas.config import load_config
 from dist_hrnas.models import build_model
 from dist_hrnas.names import RunFiles
-from tests.conftest import CONFIGS, PYTHON, ROOT, SEARCH
+from tests.conftest import CONFIGS, PYTHON, ROOT, SEARCH, SHRINKS
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -20,7 +20,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("report_run")
-    assert train.main(["--config", str(CONFIGS / "digits.yaml"), *SEARCH, f"log.run_dir={d}"]) == 0
+    assert train.main(["--config", str(CONFIGS / "digits.yaml"), *SEARCH, *SHRINKS, f"log.run_dir={d}"]) == 0
     assert (d / "shrinks.jsonl").read_text().strip(), "the fixture run must shrink at least once"
     return d
 
