@@ -240,7 +240,9 @@ def no_lower_than_predicted(scale: float, candidate_s: float, predicted_s: float
     rounds, alternating) 0.86-1.22x; scaled by the network now, such candidates entered the calibration up to
     37 % under their re-timing. The candidate's own reading over its prediction bounds how much of a slow spell
     its figure can carry; replayed on runs G-I's figures, the run figures' median error went from 7.5 / 10.9 /
-    6.4 % to 6.9 / 5.8 / 4.3 %. At worst (a model reading high) the figure stays as measured, unscaled."""
+    6.4 % to 6.9 / 5.8 / 4.3 %. At worst (a model reading high) the figure stays as measured, unscaled; in the
+    run with it (J) the model read high from the start and the bound carried that in (replayed without it: 4.3 %
+    instead of 4.7 %), so it is a trade that two runs in two hours did not settle (README, runs I and J)."""
     if scale >= 1.0 or candidate_s <= 0:
         return scale
     return min(1.0, max(scale, predicted_s / candidate_s))
