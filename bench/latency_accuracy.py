@@ -9,11 +9,12 @@ The model is the one a search builds (``profile_on_rank0``: per-op sum calibrate
 ``ops_within_10pct``: re-time ``--ops`` LUT entries and count those within +-10% of their LUT value.
 
 ``--trajectory``: run real digits searches (a rho run and a 0.5 budget run at batch 32, a rho run at batch 1) and
-re-time every shrink's network afterwards (bench/retime.py: fresh processes, interleaved rounds); report the
-error of each shrink's prediction against that figure (``trajectory``).
+re-time every shrink's network afterwards (bench/retime.py: fresh processes, interleaved rounds; ``--retime-passes``
+times, the mean is the figure); report the error of each shrink's prediction against that figure (``trajectory``)
+and how far the passes disagree (``retiming_repeatability_*_pct``: a perfect prediction is off by that much).
 
 Usage: ``python bench/latency_accuracy.py [--configs digits imagenet] [--levels 4] [--ops 40] [--trajectory]
-[--out FILE]``
+[--retime-passes 2] [--out FILE]``
 """
 from __future__ import annotations
 
@@ -143,11 +144,12 @@ BUDGET_RUNS = {"budget0.7_b32": ["latency.batch_size=32", "prune.target_ratio=0.
                "budget0.7_b1": ["latency.batch_size=1", "prune.target_ratio=0.7"]}
 
 
-def trajectory(work: Path) -> dict:
-    """Three real digits searches; every shrink's prediction against its network re-timed afterwards."""
+def trajectory(work: Path, passes: int = 2) -> dict:
+    """Three real digits searches; every shrink's prediction against its network re-timed afterwards (the mean of
+    ``passes`` re-timings; how far they disagree is reported as the truth's own noise)."""
     import subprocess
 
-    out, errors, unseen, budgets = {}, [], [], {}
+    out, errors, unseen, budgets, repeat = {}, [], [], {}, []
     # training may use every core (its speed is not what is measured); timing stays at latency.threads
     env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
     for name, extra in {**TRAJECTORY_RUNS, **BUDGET_RUNS}.items():
@@ -157,7 +159,8 @@ def trajectory(work: Path) -> dict:
                    *extra, "log.progress=false", "checkpoint.resume=never", f"log.run_dir={run_dir}",
                    f"latency.lut={work / 'lut.json'}"]  # one LUT: ops and calibration networks timed once
             subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True, env=env)
-        retimed = retimed_run(run_dir)
+        retimed = retimed_run(run_dir, passes)
+        repeat += retimed.get("repeatability_pct", [])
         summary = json.loads((run_dir / "summary.json").read_text())
         retimed["summary"] = {k: summary.get(k) for k in ("val_top1", "shrinks", "latency_ms_supernet",
                                                           "latency_ms_searched", "target_latency_ms", "wall_time_s",
@@ -182,6 +185,9 @@ def trajectory(work: Path) -> dict:
     out["median_abs_error_pct_before_refit"] = round(statistics.median(unseen), 2) if unseen else None
     out["max_abs_error_pct_before_refit"] = round(max(unseen), 2) if unseen else None
     out["shrinks"] = len(errors)
+    if repeat:  # every network of every search: the re-timings' disagreement, the floor any prediction is judged at
+        out["retiming_repeatability_median_pct"] = round(statistics.median(repeat), 2)
+        out["retiming_repeatability_max_pct"] = round(max(repeat), 2)
     out["budgets"] = budgets
     out["shrinks_raising_measured_latency"] = sum(r["raises_latency"] for k, v in out.items() if isinstance(v, dict)
                                                   and "shrinks" in v for r in v["shrinks"])
@@ -197,6 +203,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="also write the JSON here")
     parser.add_argument("--trajectory", action="store_true", help="also run and re-time three digits searches")
+    parser.add_argument("--retime-passes", type=int, default=2,
+                        help="re-time every search's networks this many times; their mean is the truth")
     parser.add_argument("--work", default=str(ROOT / "bench" / "results" / "tmp" / "trajectory"))
     args = parser.parse_args()
     result = {"machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
@@ -204,7 +212,7 @@ def main() -> None:
     for name in args.configs:
         result[name] = bench_config(name, args.levels, args.ops, args.seed)
     if args.trajectory:
-        result["trajectory"] = trajectory(Path(args.work))
+        result["trajectory"] = trajectory(Path(args.work), args.retime_passes)
     result["machine"]["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)  # other jobs inflate timings
     text = json.dumps(result, indent=2)
     print(text)
