@@ -22,9 +22,9 @@ SMALL = [*TINY_MODEL, "data.image_size=16", "train.epochs=2", "train.max_steps_p
 SEARCH = [*SMALL, "prune.penalty=seconds", "prune.rho=0.1", "prune.threshold=0.9", "prune.epoch_warmup=0",
           "train.max_steps_per_epoch=4", "latency.warmup=1", "latency.repeats=3", "latency.batch_size=4",
           "prune.bn_calibration_steps=2", "latency.calibration_networks=4"]
-# ... and certainly cuts: a fixture that needs a shrunk run (to report or export it) lets the calibrated model
-# decide, since a measured tiny candidate can be refused when the machine is busy (it once was, in a full run of
-# the tests beside another job); the measured decisions have tests of their own (tests/search).
+# ... and certainly cuts: a test that needs a shrunk run (to report, export or resume it, or to start afresh
+# over it) lets the calibrated model decide, since a measured tiny candidate can be refused when the machine is
+# busy (it was, twice in full runs of the tests); the measured decisions have tests of their own (tests/search).
 SHRINKS = ["prune.measure_before_cut=false"]
 
 

@@ -13,9 +13,9 @@ import torch
 from dist_hrnas import train
 from dist_hrnas.checkpoint import load_checkpoint
 from dist_hrnas.models import export_arch, model_from_arch
-from tests.conftest import CONFIGS, PYTHON, SEARCH
+from tests.conftest import CONFIGS, PYTHON, SEARCH, SHRINKS
 
-THREE_EPOCHS = [*SEARCH, "train.epochs=3", "checkpoint.every_epochs=1"]
+THREE_EPOCHS = [*SEARCH, *SHRINKS, "train.epochs=3", "checkpoint.every_epochs=1"]
 
 
 class Interrupt(Exception):
@@ -120,7 +120,7 @@ def test_killed_rank_under_max_restarts_still_finishes_the_search(tmp_path, pyth
 
 def test_a_fresh_run_in_an_old_run_directory_keeps_the_old_files_apart(tmp_path):
     run_dir = tmp_path / "run"
-    argv = ["--config", str(CONFIGS / "digits.yaml"), *SEARCH, f"log.run_dir={run_dir}"]
+    argv = ["--config", str(CONFIGS / "digits.yaml"), *SEARCH, *SHRINKS, f"log.run_dir={run_dir}"]
     assert train.main(argv) == 0
     first = {name: (run_dir / name).read_bytes() for name in ("shrinks.jsonl", "summary.json")}
     assert train.main([*argv, "checkpoint.resume=never"]) == 0
