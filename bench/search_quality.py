@@ -66,7 +66,10 @@ def run_search(overrides: list[str], batch: int, epochs: int, run_dir: Path, lut
     if not summary.exists():
         cmd = [sys.executable, "-m", "dist_hrnas.train", "--config", str(CONFIG), *overrides,
                f"latency.batch_size={batch}", f"train.epochs={epochs}", "log.progress=false",
-               "checkpoint.resume=never", f"log.run_dir={run_dir}", f"latency.lut={lut}"]
+               "checkpoint.resume=never", f"log.run_dir={run_dir}", f"latency.lut={lut}",
+               # every final network is re-timed afterwards with all the others (bench_target): the run's own
+               # re-timing of its supernet and final (about a fifth of a digits run here) would be thrown away
+               "latency.retime_final=false"]
         # training may use every core (its speed is not compared); the timing itself runs at latency.threads
         env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
