@@ -17,7 +17,8 @@ interval over seeds (bench/quality_stats.py), and the budget-matched accuracy ta
 slower are counted on seed 0's rho runs (every shrink re-timed, before against after).
 
 Writes ``bench/results/search_quality.json`` and ``bench/results/search_quality_<target>.png``; prints the JSON.
-Runs whose ``summary.json`` exists under ``--work`` are reused, so an interrupted run continues.
+Runs whose ``summary.json`` exists under ``--work`` are reused, so an interrupted run continues; so are a target's
+re-timed figures (``retimed_<target>.json``) while its runs are the same.
 Usage: ``python bench/search_quality.py [--quick] [--seeds N] [--rhos a,b,c,d] [--epochs N] [--modes ...]
 [--targets throughput,latency] [--parts rho,budget]``
 (full: 3 seeds x 4 modes x (4 rhos + budgets) x 2 targets, several hours here; ``--quick``: 1 seed, 2 rhos).
@@ -199,18 +200,32 @@ def plot(target: str, batch: int, result: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def bench_target(target: str, batch: int, args, modes: list[str]) -> tuple[dict, tuple[int, int]]:
-    rows = target_runs(target, batch, args, modes)
+def retimed_target(target: str, batch: int, rows: list[dict], work: Path) -> tuple[list[float], int, int]:
+    """The supernet, the floor and every final network re-timed together (ms, in that order), and how many of seed
+    0's rho runs' shrinks made the network slower (of how many). Kept under ``work`` and reused while the target's
+    runs are the same ones: a full run spans sessions here, and a target's figures must come from one sitting
+    (its interleaved rounds), so they are taken once, whole, and not lost when a later target is interrupted."""
+    cache, run_dirs = work / f"retimed_{target}.json", [r["run_dir"] for r in rows]
+    if cache.exists():
+        kept = json.loads(cache.read_text())
+        if kept["batch"] == batch and kept["run_dirs"] == run_dirs:
+            return kept["ms"], kept["rises"], kept["total"]
     supernet, floor = floor_arch(batch)
-    archs = [supernet, floor] + [load_arch_file(ROOT / r["run_dir"] / "searched_arch.yaml") for r in rows]
-    ms = retime_ms(archs, batch)
-    for row, value in zip(rows, ms[2:]):
-        row["latency_ms"] = round(value, 4)
+    ms = retime_ms([supernet, floor] + [load_arch_file(ROOT / d / "searched_arch.yaml") for d in run_dirs], batch)
     rises = total = 0
     for row in rows:  # every shrink re-timed, before against after: seed 0's rho runs
         if "rho" in row and row["seed"] == 0:
             shrinks = retimed_run(ROOT / row["run_dir"])["shrinks"]
             rises, total = rises + sum(s["raises_latency"] for s in shrinks), total + len(shrinks)
+    atomic_write_json(cache, {"batch": batch, "run_dirs": run_dirs, "ms": ms, "rises": rises, "total": total})
+    return ms, rises, total
+
+
+def bench_target(target: str, batch: int, args, modes: list[str]) -> tuple[dict, tuple[int, int]]:
+    rows = target_runs(target, batch, args, modes)
+    ms, rises, total = retimed_target(target, batch, rows, Path(args.work))
+    for row, value in zip(rows, ms[2:]):
+        row["latency_ms"] = round(value, 4)
     result = {"latency_batch_size": batch, "supernet_ms": round(ms[0], 4), "floor_ms": round(ms[1], 4),
               **compare_modes(rows, modes, args.resamples), "budgets": budget_table(rows, modes, ms[0]), "runs": rows}
     out = Path(args.out)
