@@ -20,7 +20,7 @@ Writes ``bench/results/search_quality.json`` and ``bench/results/search_quality_
 Runs whose ``summary.json`` exists under ``--work`` are reused, so an interrupted run continues; so are a target's
 re-timed figures (``retimed_<target>.json``) while its runs are the same.
 Usage: ``python bench/search_quality.py [--quick] [--seeds N] [--rhos a,b,c,d] [--epochs N] [--modes ...]
-[--targets throughput,latency] [--parts rho,budget]``
+[--targets throughput,latency] [--parts rho,budget] [--retime-passes N]``
 (full: 3 seeds x 4 modes x (4 rhos + budgets) x 2 targets, several hours here; ``--quick``: 1 seed, 2 rhos).
 """
 from __future__ import annotations
@@ -194,39 +194,65 @@ def plot(target: str, batch: int, result: dict, path: Path) -> None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     os.replace(tmp, path)
 
 
-def retimed_target(target: str, batch: int, rows: list[dict], work: Path) -> tuple[list[float], int, int]:
-    """The supernet, the floor and every final network re-timed together (ms, in that order), and how many of seed
-    0's rho runs' shrinks made the network slower (of how many). Kept under ``work`` and reused while the target's
-    runs are the same ones: a full run spans sessions here, and a target's figures must come from one sitting
-    (its interleaved rounds), so they are taken once, whole, and not lost when a later target is interrupted."""
+def retimed_target(target: str, batch: int, rows: list[dict], work: Path,
+                   passes: int = 1) -> tuple[list[list[float]], int, int]:
+    """The supernet, the floor and every final network re-timed together (ms, in that order), in at least
+    ``passes`` passes (every kept pass is used: more sittings only sharpen the figures), and
+    how many of seed 0's rho runs' shrinks made the network slower (of how many). Kept under ``work`` and reused
+    while the target's runs are the same ones: a full run spans sessions here, and a pass's figures must come
+    from one sitting (its interleaved rounds), so each is taken whole and kept as soon as it is done; asking for
+    more passes later adds passes to the kept ones (at batch 1 here one pass put identical networks up to 40 %
+    apart, so a second sitting is what tells an effect from a spell of the machine)."""
     cache, run_dirs = work / f"retimed_{target}.json", [r["run_dir"] for r in rows]
-    if cache.exists():
-        kept = json.loads(cache.read_text())
-        if kept["batch"] == batch and kept["run_dirs"] == run_dirs:
-            return kept["ms"], kept["rises"], kept["total"]
-    supernet, floor = floor_arch(batch)
-    ms = retime_ms([supernet, floor] + [load_arch_file(ROOT / d / "searched_arch.yaml") for d in run_dirs], batch)
-    rises = total = 0
-    for row in rows:  # every shrink re-timed, before against after: seed 0's rho runs
-        if "rho" in row and row["seed"] == 0:
-            shrinks = retimed_run(ROOT / row["run_dir"])["shrinks"]
-            rises, total = rises + sum(s["raises_latency"] for s in shrinks), total + len(shrinks)
-    atomic_write_json(cache, {"batch": batch, "run_dirs": run_dirs, "ms": ms, "rises": rises, "total": total})
-    return ms, rises, total
+    kept = json.loads(cache.read_text()) if cache.exists() else {}
+    if kept.get("batch") != batch or kept.get("run_dirs") != run_dirs:
+        kept = {}
+    if kept and "passes" not in kept:  # kept before there were passes: its one pass
+        kept["passes"] = [kept.pop("ms")]
+    if not kept:
+        rises = total = 0
+        for row in rows:  # every shrink re-timed, before against after: seed 0's rho runs
+            if "rho" in row and row["seed"] == 0:
+                shrinks = retimed_run(ROOT / row["run_dir"])["shrinks"]
+                rises, total = rises + sum(s["raises_latency"] for s in shrinks), total + len(shrinks)
+        kept = {"batch": batch, "run_dirs": run_dirs, "passes": [], "rises": rises, "total": total}
+    while len(kept["passes"]) < passes:
+        supernet, floor = floor_arch(batch)
+        archs = [supernet, floor] + [load_arch_file(ROOT / d / "searched_arch.yaml") for d in run_dirs]
+        kept["passes"].append(retime_ms(archs, batch))
+        atomic_write_json(cache, kept)
+    return kept["passes"], kept["rises"], kept["total"]
+
+
+def identical_spread(rows: list[dict], supernet_ms: float) -> dict | None:
+    """How far the runs that never shrank (the supernet itself) re-timed from the supernet's own figure: the
+    resolution of this target's re-timing, since those networks are identical to it."""
+    ratios = [r["latency_ms"] / supernet_ms for r in rows if r["shrinks"] == 0]
+    if not ratios:
+        return None
+    return {"count": len(ratios), "min": round(min(ratios), 3), "max": round(max(ratios), 3),
+            "mean": round(sum(ratios) / len(ratios), 3)}
 
 
 def bench_target(target: str, batch: int, args, modes: list[str]) -> tuple[dict, tuple[int, int]]:
     rows = target_runs(target, batch, args, modes)
-    ms, rises, total = retimed_target(target, batch, rows, Path(args.work))
-    for row, value in zip(rows, ms[2:]):
+    passes, rises, total = retimed_target(target, batch, rows, Path(args.work), args.retime_passes)
+    ms = [sum(figures) / len(figures) for figures in zip(*passes)]  # each network's mean over the passes
+    for i, (row, value) in enumerate(zip(rows, ms[2:])):
         row["latency_ms"] = round(value, 4)
-    result = {"latency_batch_size": batch, "supernet_ms": round(ms[0], 4), "floor_ms": round(ms[1], 4),
+        if len(passes) > 1:
+            row["latency_ms_passes"] = [round(p[i + 2], 4) for p in passes]
+    result = {"latency_batch_size": batch, "retime_passes": len(passes), "supernet_ms": round(ms[0], 4),
+              "floor_ms": round(ms[1], 4), **({"supernet_ms_passes": [round(p[0], 4) for p in passes]}
+                                              if len(passes) > 1 else {}),
+              "no_shrink_vs_supernet": identical_spread(rows, ms[0]),
               **compare_modes(rows, modes, args.resamples), "budgets": budget_table(rows, modes, ms[0]), "runs": rows}
     out = Path(args.out)
     png = out.with_name(f"{out.stem}_{target}.png")  # the default --out gives search_quality_<target>.png
@@ -246,6 +272,9 @@ def main() -> None:
     parser.add_argument("--parts", default="rho,budget", help="comma-separated subset of rho,budget (the sweep, "
                         "the budget-matched searches): a long run can be taken part by part, runs are reused")
     parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
+    parser.add_argument("--retime-passes", type=int, default=1, help="re-time every final network at least this many "
+                        "times, each pass its own sitting of interleaved rounds; a network's figure is the mean over "
+                        "the passes (passes kept under --work are reused and all count, so raising it adds passes)")
     parser.add_argument("--work", default=str(RESULTS / "tmp" / "search_quality"))
     parser.add_argument("--out", default=str(RESULTS / "search_quality.json"))
     args = parser.parse_args()
@@ -260,6 +289,8 @@ def main() -> None:
                                ("--parts", args.parts, ("rho", "budget"))):
         if not given or any(g not in known for g in given):
             parser.error(f"{flag}: {given} is not a non-empty subset of {list(known)}")
+    if args.retime_passes < 1:
+        parser.error(f"--retime-passes: {args.retime_passes} is not a positive count; give 1 or more")
     started = time.perf_counter()
     result: dict = {"epochs": args.epochs, "seeds": args.seeds, "rhos": args.rhos, "modes": {m: MODES[m] for m in modes},
                     "budgets": args.budgets, "parts": args.parts, "targets": {}, "headline_target": HEADLINE}
