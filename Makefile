@@ -50,6 +50,8 @@ bench: $(STAMP)
 	# rho 0.04, seed 0) and its schedule plot
 	OMP_NUM_THREADS=1 $(PY) -m dist_hrnas.report $(REPORT_RUN) --format markdown --out bench/results/report_digits.md
 	cp $(REPORT_RUN)/report_schedule.png bench/results/report_digits_schedule.png
+	# the report links the plot inside the run folder (not committed): point it at the copy beside it
+	sed -i 's#(tmp/[^)]*/report_schedule.png)#(report_digits_schedule.png)#' bench/results/report_digits.md
 
 clean:
 	rm -rf $(VENV) runs
