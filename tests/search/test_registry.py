@@ -171,3 +171,27 @@ def test_shrink_trigger():
     assert should_shrink(cfg, 1e-6, dead_channels=1, last_epoch=True)
     assert not should_shrink(cfg, 0.0, dead_channels=0, last_epoch=True)
     assert not should_shrink(PruneConfig(penalty="none"), 1.0, dead_channels=9, last_epoch=True)
+
+
+
+def test_a_budget_ranks_channels_by_worth_per_unit_of_its_own_penalty(model):
+    """The same scales, ranked for each penalty: per second for ``seconds``, per MAC for ``macs`` (HR-NAS's
+    ranking held to a measured budget), plain |gamma| for ``equal``."""
+    from dist_hrnas.search.ranking import branch_channels, ranked_channels
+
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for _, block in model.named_blocks():
+            for branch in block.branches:
+                branch.dw_bn.weight.uniform_(0.1, 1.0)
+    orders = {}
+    for mode, unit in (("seconds", lambda e: e.seconds_per_channel), ("macs", lambda e: e.macs_per_channel),
+                       ("equal", lambda e: 1.0)):
+        pairs = registry(model, mode).bns(model)
+        channels = branch_channels(model, pairs, mode)
+        assert [b.cost_per_channel for b in channels] == pytest.approx([unit(e) for e, _ in pairs])
+        ranked = ranked_channels(channels)
+        expected = sorted(float(bn.weight[c].abs()) / unit(e) for e, bn in pairs for c in range(e.width))
+        assert [score for score, _, _ in ranked] == pytest.approx(expected)  # least worth per unit first
+        orders[mode] = [(b.block, b.index, c) for _, b, c in ranked]
+    assert len({tuple(order) for order in orders.values()}) == 3  # each unit cuts in its own order
