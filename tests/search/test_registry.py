@@ -191,7 +191,7 @@ def test_a_budget_ranks_channels_by_worth_per_unit_of_its_own_penalty(model):
         channels = branch_channels(model, pairs, mode)
         assert [b.cost_per_channel for b in channels] == pytest.approx([unit(e) for e, _ in pairs])
         ranked = ranked_channels(channels)
-        expected = sorted(float(bn.weight[c].abs()) / unit(e) for e, bn in pairs for c in range(e.width))
+        expected = sorted(float(bn.weight[c].detach().abs()) / unit(e) for e, bn in pairs for c in range(e.width))
         assert [score for score, _, _ in ranked] == pytest.approx(expected)  # least worth per unit first
         orders[mode] = [(b.block, b.index, c) for _, b, c in ranked]
     assert len({tuple(order) for order in orders.values()}) == 3  # each unit cuts in its own order
