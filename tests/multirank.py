@@ -14,9 +14,14 @@ import torch.multiprocessing as mp
 
 
 def _worker(rank: int, world_size: int, store_path: str, out_dir: str, fn: Callable, args: tuple,
-            comm_timeout_s: int | None) -> None:
+            comm_timeout_s: int | None, rank0_late_s: float) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
+    import time
+
     import torch
+
+    if rank == 0:
+        time.sleep(rank0_late_s)  # a rank 0 that comes up late (its node's container, a slow import)
 
     torch.set_num_threads(1)
     if comm_timeout_s is None:
@@ -45,15 +50,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(fn: Callable, *args, world_size: int = 2, comm_timeout_s: int | None = None
-              ) -> list[tuple[str, object]]:
+def run_ranks(fn: Callable, *args, world_size: int = 2, comm_timeout_s: int | None = None,
+              rank0_late_s: float = 0.0) -> list[tuple[str, object]]:
     """``fn(rank, *args)`` on each rank; returns [("ok", value) | ("error", message)] in rank order.
 
     ``comm_timeout_s``: join through ``comm.init_distributed`` (a TCP store, this collective timeout) instead
-    of a bare FileStore group."""
+    of a bare FileStore group. ``rank0_late_s``: rank 0 starts joining that much later than the others."""
     if comm_timeout_s is not None:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))  # the spawned ranks inherit it
     with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(_worker, args=(world_size, os.path.join(tmp, "store"), tmp, fn, args, comm_timeout_s),
+        mp.start_processes(_worker, args=(world_size, os.path.join(tmp, "store"), tmp, fn, args, comm_timeout_s,
+                                                rank0_late_s),
                            nprocs=world_size, join=True, start_method="spawn")
         return [pickle.loads(Path(tmp, f"{r}.pkl").read_bytes()) for r in range(world_size)]

@@ -115,6 +115,15 @@ def test_rank0_working_alone_longer_than_the_collective_timeout_ends_well(fail):
     assert results == [("ok", expected), ("ok", expected)]
 
 
+def _joined(rank: int) -> int:
+    return comm.world_size()
+
+
+def test_a_rank0_that_starts_later_than_the_collective_timeout_is_still_joined():
+    """Joining waits for the slowest rank to start; ``dist.timeout_s`` bounds a hung collective, not a start."""
+    assert run_ranks(_joined, comm_timeout_s=1, rank0_late_s=3.0) == [("ok", 2), ("ok", 2)]
+
+
 def _torchrun(tmp_path: Path, python_env: dict, extra: list[str]) -> subprocess.Popen:
     cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "dist_hrnas.train",
            "--config", DIGITS, *extra, f"log.run_dir={tmp_path / 'run'}", "dist.timeout_s=3600"]

@@ -25,6 +25,11 @@ T = TypeVar("T")
 _STORE: dist.Store | None = None
 _ALONE_SECTIONS = 0   # rank-0-alone sections so far: the same count on every rank (each one is collective)
 _POLL_MAX_S = 0.2     # the longest sleep between two looks at the store (what a finished section may wait)
+# How long a rank waits to reach the rendezvous store (and for the others' addresses in it). Ranks start at
+# different times (imports, a node's container starting late), so joining gets torch's own store default even
+# when dist.timeout_s, meant for a hung collective, is shorter: with a 1 s collective timeout a rank that came up
+# before rank 0 had started the store gave up after 1 s.
+_JOIN_TIMEOUT_S = 300
 
 
 @dataclass(frozen=True)
@@ -98,7 +103,7 @@ def init_distributed(cfg: DistConfig, training_device: str = "auto") -> DistCont
                             f"but {var} is not set: start with torchrun")
     global _STORE
     timeout = datetime.timedelta(seconds=cfg.timeout_s)
-    store = _rendezvous_store(rank, world_size, timeout)
+    store = _rendezvous_store(rank, world_size, max(timeout, datetime.timedelta(seconds=_JOIN_TIMEOUT_S)))
     dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout, store=store,
                             device_id=device if device.type == "cuda" else None)
     _STORE = dist.PrefixStore("rank0_alone", store)
