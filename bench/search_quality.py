@@ -223,9 +223,10 @@ def retimed_target(target: str, batch: int, rows: list[dict], work: Path,
                 shrinks = retimed_run(ROOT / row["run_dir"])["shrinks"]
                 rises, total = rises + sum(s["raises_latency"] for s in shrinks), total + len(shrinks)
         kept = {"batch": batch, "run_dirs": run_dirs, "passes": [], "rises": rises, "total": total}
-    while len(kept["passes"]) < passes:
+    if len(kept["passes"]) < passes:
         supernet, floor = floor_arch(batch)
         archs = [supernet, floor] + [load_arch_file(ROOT / d / "searched_arch.yaml") for d in run_dirs]
+    while len(kept["passes"]) < passes:
         kept["passes"].append(retime_ms(archs, batch))
         atomic_write_json(cache, kept)
     return kept["passes"], kept["rises"], kept["total"]

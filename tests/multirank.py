@@ -6,6 +6,7 @@ import os
 import pickle
 import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -16,8 +17,6 @@ import torch.multiprocessing as mp
 def _worker(rank: int, world_size: int, store_path: str, out_dir: str, fn: Callable, args: tuple,
             comm_timeout_s: int | None, rank0_late_s: float) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
-    import time
-
     import torch
 
     if rank == 0:

@@ -173,7 +173,6 @@ def test_shrink_trigger():
     assert not should_shrink(PruneConfig(penalty="none"), 1.0, dead_channels=9, last_epoch=True)
 
 
-
 def test_a_budget_ranks_channels_by_worth_per_unit_of_its_own_penalty(model):
     """The same scales, ranked for each penalty: per second for ``seconds``, per MAC for ``macs`` (HR-NAS's
     ranking held to a measured budget), plain |gamma| for ``equal``."""
