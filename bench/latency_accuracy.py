@@ -3,9 +3,13 @@
 Per config (``configs/digits.yaml`` and ``configs/hrnas_imagenet.yaml``): build the LUT (branch curves +
 fixed part), then for the supernet and ``--levels`` random shrinks (every branch keeps a random share of its
 channels, some none) compare the predicted end-to-end latency (fixed part + each branch's curve at its width)
-with the measured one (each network timed in a fresh process, as a search does with latency.clean_process).
-The model is the one a search builds (``profile_on_rank0``: per-op sum calibrated on the supernet and
-``latency.calibration_networks`` sampled sub-networks); the random shrinks here are held out of that fit.
+with the measured one (each network in a fresh process, as a search does with latency.clean_process, timed in
+groups with the supernet in the same rounds, as the calibration networks are). The model is the one a search
+builds (``profile_on_rank0``: per-op sum calibrated on the supernet and ``latency.calibration_networks`` sampled
+sub-networks); the random shrinks here are held out of that fit. ``error_pct`` judges a prediction by the network's
+own figure; ``referenced_error_pct`` by its ratio to the supernet beside it times the supernet figure the model
+was fitted to (the model's error apart from how the machine's speed moved since the fit);
+``calibration_held_out_*``: each calibration network predicted by a fit without it (leave one out).
 ``ops_within_10pct``: re-time ``--ops`` LUT entries and count those within +-10% of their LUT value.
 
 ``--trajectory``: run real digits searches (a rho run and a 0.5 budget run at batch 32, a rho run at batch 1) and
@@ -38,7 +42,8 @@ import torch  # noqa: E402
 from bench.retime import retimed_run  # noqa: E402
 from dist_hrnas.config import load_config  # noqa: E402
 from dist_hrnas.latency import CleanProcessTimer, Timed, cpu_threads, make_timer, profile_on_rank0  # noqa: E402
-from dist_hrnas.latency.measure import op_at_width, plan_branches, runner  # noqa: E402
+from dist_hrnas.latency.measure import (CALIBRATION_GROUP, op_at_width, plan_branches,  # noqa: E402
+                                        referenced_figures, runner)
 from dist_hrnas.models import build_model, export_arch, model_from_arch  # noqa: E402
 from dist_hrnas.search.surgery import shrink_model  # noqa: E402
 
@@ -100,31 +105,38 @@ def bench_config(name: str, levels: int, n_ops: int, seed: int) -> dict:
         build_s = time.perf_counter() - start
     curves = profile.curves
     rng = random.Random(seed)
-    rows = []
     shares = [0.8 - 0.6 * i / max(1, levels - 1) for i in range(levels)]  # 0.8 .. 0.2 of the channels
-    cases = [(1.0, 1)] + [(s, cfg.latency.width_step) for s in shares] + [(s, 1) for s in shares]
-    for share, align in cases:
-        shrunk = model if share == 1.0 else random_shrink(build_model(cfg.model), rng, share, align)
-        # Measured: the shrunk architecture (what searched_arch.yaml holds), built afresh in a clean process.
-        net = model_from_arch(export_arch(shrunk))
-        predicted = profile.predict_s(net)
-        ops_only = sum(profile.parts(net).values())
-        measured = network_s(net)
-        rows.append({"keep": round(share, 3), "align": align,
-                     "channels": sum(sum(b.widths) for _, b in net.named_blocks()),
-                     "predicted_ms": round(predicted * 1e3, 3), "measured_ms": round(measured * 1e3, 3),
-                     "error_pct": round(100 * (predicted - measured) / measured, 2),
-                     "ops_only_error_pct": round(100 * (ops_only - measured) / measured, 2)})
+    cases = [(s, cfg.latency.width_step) for s in shares] + [(s, 1) for s in shares]
+    # Measured: each shrunk architecture (what searched_arch.yaml holds), built afresh in a clean process and
+    # timed in groups with the supernet in the same rounds, as the calibration networks were
+    nets = [model_from_arch(export_arch(random_shrink(build_model(cfg.model), rng, share, align)))
+            for share, align in cases]
+    ratios, supernet_s = referenced_figures(nets, model, cfg.data.image_size, cfg.latency, timer, network_s)
+    group = [supernet_s[i // CALIBRATION_GROUP] for i in range(len(nets))]
+    rows = [_row(1.0, 1, model, profile, statistics.median(supernet_s), profile.network_s)]
+    rows += [_row(share, align, net, profile, ratio * ref, ratio * profile.network_s)
+             for (share, align), net, ratio, ref in zip(cases, nets, ratios, group)]
     # Headline: supernet + shrinks to aligned widths (sampled by the curves; prune.round_to=width_step keeps
     # a search on them). Any-width shrinks are reported apart: between samples the curve interpolates.
     errors = [abs(r["error_pct"]) for r in rows if r["align"] > 1 or r["keep"] == 1.0]
     free = [abs(r["error_pct"]) for r in rows if r["align"] == 1 and r["keep"] < 1.0]
     shrunk = [abs(r["error_pct"]) for r in rows if r["align"] > 1]
     ops_only = [abs(r["ops_only_error_pct"]) for r in rows if r["align"] > 1 or r["keep"] == 1.0]
+    # the same shrinks against their ratio to the supernet timed beside them, times the supernet figure the
+    # model was fitted to: the model's error apart from how the machine's speed moved since the fit
+    referenced = [abs(r["referenced_error_pct"]) for r in rows if r["align"] > 1]
+    free_referenced = [abs(r["referenced_error_pct"]) for r in rows if r["align"] == 1 and r["keep"] < 1.0]
+    loo = [abs(e) for e in profile.calibration.held_out_errors_pct()]
     within, ratio = op_repeatability(model, cfg, timer, curves, n_ops, rng)
     return {"median_abs_error_pct": round(statistics.median(errors), 2), "max_abs_error_pct": round(max(errors), 2),
             "ops_within_10pct": round(within, 3), "ops_median_retimed_over_lut": round(ratio, 3),
             "shrunk_median_abs_error_pct": round(statistics.median(shrunk), 2),
+            "shrunk_referenced_median_abs_error_pct": round(statistics.median(referenced), 2),
+            "shrunk_referenced_max_abs_error_pct": round(max(referenced), 2),
+            "any_width_referenced_median_abs_error_pct": round(statistics.median(free_referenced), 2),
+            "calibration_held_out_median_abs_error_pct": round(statistics.median(loo), 2) if loo else None,
+            "calibration_held_out_max_abs_error_pct": round(max(loo), 2) if loo else None,
+            "supernet_ms_per_group": [round(x * 1e3, 3) for x in supernet_s],
             "ops_only_median_abs_error_pct": round(statistics.median(ops_only), 2),
             "calibration_coef": {k: round(v, 4) for k, v in profile.calibration.coef.items()},
             "calibration_fit_errors_pct": [round(e, 2) for e in profile.calibration.errors_pct()],
@@ -132,6 +144,18 @@ def bench_config(name: str, levels: int, n_ops: int, seed: int) -> dict:
             "any_width_max_abs_error_pct": round(max(free), 2),
             "lut_build_s": round(build_s, 1), "batch_size": cfg.latency.batch_size, "image_size": cfg.data.image_size,
             "cost": cfg.latency.cost, "repeats": cfg.latency.repeats, "levels": rows}
+
+
+def _row(share: float, align: int, net, profile, measured: float, referenced: float) -> dict:
+    """One held-out network: its prediction against its own figure and against its referenced one."""
+    predicted = profile.predict_s(net)
+    ops_only = sum(profile.parts(net).values())
+    return {"keep": round(share, 3), "align": align, "channels": sum(sum(b.widths) for _, b in net.named_blocks()),
+            "predicted_ms": round(predicted * 1e3, 3), "measured_ms": round(measured * 1e3, 3),
+            "error_pct": round(100 * (predicted - measured) / measured, 2),
+            "referenced_ms": round(referenced * 1e3, 3),
+            "referenced_error_pct": round(100 * (predicted - referenced) / referenced, 2),
+            "ops_only_error_pct": round(100 * (ops_only - measured) / measured, 2)}
 
 
 # The three searches of the trajectory (a rho run and a 0.5 budget run at batch 32, a rho run at batch 1), and the

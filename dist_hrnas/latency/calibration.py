@@ -76,6 +76,17 @@ class Calibration:
         """Signed error of the fit on each point, in % of the measurement."""
         return [100.0 * (self.predict(parts) - m) / m for parts, m, _ in self.points if m > 0]
 
+    def held_out_errors_pct(self) -> list[float]:
+        """Signed error on each sampled point of a fit made without it (leave one out), in % of its measurement:
+        how the calibration does on networks it has not seen, from figures taken in one sitting."""
+        out = []
+        for i, (parts, measured, source) in enumerate(self.points):
+            if source != "sample" or measured <= 0:
+                continue
+            rest = Calibration(self.points[:i] + self.points[i + 1:]).fit()
+            out.append(100.0 * (rest.predict(parts) - measured) / measured)
+        return out
+
     def state_dict(self) -> dict:
         return {"points": [[dict(p), m, s] for p, m, s in self.points], "coef": dict(self.coef),
                 "dropped": self.dropped}

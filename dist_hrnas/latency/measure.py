@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import statistics
 from dataclasses import dataclass
 from typing import Callable
 
@@ -272,24 +273,53 @@ def arch_with_widths(arch: dict, widths: dict[str, list[int]]) -> dict:
     return arch
 
 
+# Calibration networks are timed in groups of this many, the supernet in every group's rounds. A LUT build takes
+# minutes and this machine's speed moves within them (spells of 1.4-1.9x here), so each sample counts as its ratio
+# to the supernet timed beside it, times the supernet's median over all groups: the fit then sees every sample at
+# one machine speed, and no single supernet figure sets the level. (One supernet per 4 samples: +25 % figures.)
+CALIBRATION_GROUP = 4
+
+
+def referenced_figures(models: list[HRNet], supernet: HRNet, image_size: int, cfg: LatencyConfig, timer: Timer,
+                       network_timer: NetworkTimer | None) -> tuple[list[float], list[float]]:
+    """(each of ``models``' seconds over ``supernet``'s, timed in the same rounds; ``supernet``'s figure in each
+    group of CALIBRATION_GROUP models)."""
+    ratios, supernet_s = [], []
+    for start in range(0, len(models), CALIBRATION_GROUP):
+        group = models[start:start + CALIBRATION_GROUP]
+        figures = compare_networks([supernet, *group], image_size, cfg, timer, network_timer)
+        supernet_s.append(figures[0][0])
+        ratios += [seconds / figures[0][0] for seconds, _ in figures[1:]]
+    return ratios, supernet_s
+
+
 def calibrate(profile: LatencyProfile, model: HRNet, image_size: int, cfg: LatencyConfig, timer: Timer,
               table: LatencyTable, network_timer: NetworkTimer | None) -> Calibration:
-    """The supernet and ``latency.calibration_networks`` sampled sub-networks, each measured end to end (or read
-    from the LUT, where each lies under its own network key), and the calibration fitted to them. With
-    ``latency.lut_device`` only the samples the device's LUT holds are used. (The supernet itself is measured
-    afresh every time: it anchors the run and its budget.)"""
-    calibration = Calibration()
-    calibration.add(profile.parts(model), profile.network_s, "supernet")
+    """The supernet and ``latency.calibration_networks`` sampled sub-networks, measured end to end against the
+    supernet in the same rounds (:func:`referenced_figures`; or read from the LUT, where each lies under its own
+    network key), and the calibration fitted to them. With ``latency.lut_device`` only the samples the device's
+    LUT holds are used. The supernet's figure (``profile.network_s``) becomes the median of its own figures (the
+    one taken before and one per group), and the LUT keeps that for it."""
     arch = export_arch(model)
     samples = sample_arch_widths({b["name"]: b["widths"] for b in arch["blocks"]}, cfg.calibration_networks,
                                  cfg.width_step)
-    for widths in samples:
-        net = model_from_arch(arch_with_widths(arch, widths))
-        cached = table.get(network_key(net, image_size))  # samples are cached like ops: a second run times none
-        if cached is None and cfg.lut_device:
+    nets = [model_from_arch(arch_with_widths(arch, widths)) for widths in samples]
+    cached = [table.get(network_key(net, image_size)) for net in nets]  # a second run times none of them
+    fresh = [] if cfg.lut_device else [net for net, hit in zip(nets, cached) if hit is None]
+    ratios, supernet_s = referenced_figures(fresh, model, image_size, cfg, timer, network_timer)
+    if supernet_s:
+        profile.network_s = statistics.median([profile.network_s, *supernet_s])
+        profile.calibrated(model)
+        table.put(network_key(model, image_size), profile.network_s, 0.0)
+    timed = {id(net): ratio * profile.network_s for net, ratio in zip(fresh, ratios)}
+    calibration = Calibration()
+    calibration.add(profile.parts(model), profile.network_s, "supernet")
+    for net, hit in zip(nets, cached):
+        seconds = hit["median_s"] if hit else timed.get(id(net))
+        if seconds is None:  # lut_device: a sample the device's LUT lacks
             continue
-        seconds = cached["median_s"] if cached else network_on_target(net, image_size, cfg, timer, table,
-                                                                        network_timer)
+        if not hit:
+            table.put(network_key(net, image_size), seconds, 0.0)
         calibration.add(profile.parts(net), seconds, "sample")
     calibration.fit()
     if not cfg.lut_device:  # a device's LUT keeps the device's own fit
@@ -328,8 +358,8 @@ def profile_on_rank0(model: HRNet, image_size: int, cfg: LatencyConfig, timer: T
             branch_s = {k: curve_value(curves[k], widths[k]) for k in keys}
             profile = LatencyProfile(network_s, branch_s, widths, curves, cfg.cost, fixed_s, joins,
                                      cfg.width_step, groups=groups).calibrated(model)
-            packed = profile.to_tensor(keys)
             calibration = calibrate(profile, model, image_size, cfg, timer, table, network_timer).state_dict()
+            packed = profile.to_tensor(keys)  # after the calibration, which settles the supernet's figure
         except Exception as err:  # any failure (not only a UserError): the other ranks wait in the broadcast
             error = err
     comm.share_rank0_error(error, "the latency profile")

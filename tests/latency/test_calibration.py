@@ -55,6 +55,15 @@ def test_one_inflated_figure_does_not_move_later_predictions():
         assert disturbed.predict(p) == pytest.approx(clean.predict(p), rel=0.02)
 
 
+def test_leave_one_out_errors_are_small_on_a_clean_device_and_name_a_disturbed_point():
+    points = _networks(25)
+    assert max(abs(e) for e in _fitted(points).held_out_errors_pct()) < 2.0
+    parts, measured = points[7]
+    errors = _fitted(points[:7] + [(parts, 1.5 * measured)] + points[8:]).held_out_errors_pct()
+    assert errors[7] == pytest.approx(100 * (1 / 1.5 - 1), abs=2.0)   # the rest predict its true figure
+    assert max(abs(e) for i, e in enumerate(errors) if i != 7) < 2.0
+
+
 def test_too_few_points_leave_the_plain_sum():
     cal = _fitted(_networks(3))
     assert not cal.fitted and cal.predict({"fixed": 1.0, "res:8x8": 2.0}) == 3.0
@@ -221,3 +230,56 @@ def test_before_the_last_epoch_a_gain_too_small_to_measure_is_not_timed(tmp_path
     assert not decision.due and decision.refusals == [] and timed == []  # not timed: the penalty goes on
     decision = decide_by_measurement(search, model, masks, epoch=0, last_epoch=True)
     assert timed                                                          # the last epoch always measures
+
+
+class DriftingDevice:
+    """A target whose seconds follow the architecture (``seconds(model)``) while the machine's speed moves
+    between comparisons (the k-th comparison runs ``slowdowns[k]`` times slower), as it does during a LUT build."""
+
+    def __init__(self, seconds, slowdowns: list[float]):
+        self.seconds, self.slowdowns, self.compared = seconds, slowdowns, 0
+
+    def __call__(self, model) -> float:
+        return self.compare([model])[0][0]
+
+    def compare(self, models, rounds=3, retakes=2, settings=None, decided=None):
+        slowdown = self.slowdowns[self.compared % len(self.slowdowns)]
+        self.compared += 1
+        return [(slowdown * self.seconds(m), 0.0) for m in models]
+
+
+def test_calibration_networks_are_timed_against_the_supernet_so_a_slow_spell_does_not_tilt_the_fit(tmp_path):
+    from dist_hrnas.latency import Timer, profile_on_rank0
+    from dist_hrnas.latency.measure import CALIBRATION_GROUP, network_key
+    from dist_hrnas.latency.lut import read_lut_file
+
+    cfg = load_config(CONFIGS / "digits.yaml", [*SEARCH, "latency.calibration_networks=12", "latency.repeats=1",
+                                                 f"latency.lut={tmp_path / 'lut.json'}"]).latency
+    model = build_model(load_config(CONFIGS / "digits.yaml", SEARCH).model)
+    seconds = lambda m: 1e-3 * (2 + 0.01 * sum(_widths(m)))  # noqa: E731 - the device's truth
+    # the supernet alone, then three groups of samples; the second group falls in a 1.6x spell
+    device = DriftingDevice(seconds, [1.0, 1.0, 1.6, 1.0])
+    prof = profile_on_rank0(model, 16, cfg, Timer(torch.device("cpu"), 0, 1), network_timer=device)
+    assert device.compared == 1 + 12 // CALIBRATION_GROUP           # the supernet in every group's rounds
+    # every sample is its ratio to the supernet timed beside it, times the supernet's median figure (1.0x: the
+    # figure before the groups and two of three groups), so all sit at one machine speed
+    points = prof.calibration.points
+    assert len(points) == 13 and prof.network_s == pytest.approx(seconds(model)) == points[0][1]
+    level = [measured / seconds(net) for (_, measured, _), net in zip(points[1:], _sampled(model, cfg))]
+    assert level == pytest.approx([1.0] * 12)
+    # the LUT keeps the referenced figures: a second run times the supernet afresh, and reads every sample
+    ops = next(iter(read_lut_file(tmp_path / "lut.json")["tables"].values()))["ops"]
+    assert ops[network_key(model, 16)]["median_s"] == pytest.approx(seconds(model))
+    again = DriftingDevice(seconds, [1.0])
+    prof2 = profile_on_rank0(model, 16, cfg, Timer(torch.device("cpu"), 0, 1), network_timer=again)
+    assert again.compared == 1 and [p[1] for p in prof2.calibration.points[1:]] == [p[1] for p in points[1:]]
+
+
+def _sampled(model, cfg) -> list:
+    from dist_hrnas.latency.measure import arch_with_widths
+    from dist_hrnas.models import export_arch, model_from_arch
+
+    arch = export_arch(model)
+    widths = sample_arch_widths({b["name"]: b["widths"] for b in arch["blocks"]}, cfg.calibration_networks,
+                                cfg.width_step)
+    return [model_from_arch(arch_with_widths(arch, w)) for w in widths]

@@ -1,6 +1,7 @@
 """Whole networks timed in clean child processes (latency.clean_process)."""
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from dist_hrnas.latency.clean_process import CleanProcessTimer, _NetworkProcess, start_network_timer
+from dist_hrnas.latency.measure import CALIBRATION_GROUP
 from dist_hrnas.config import load_config
 from dist_hrnas.errors import UserError
 from dist_hrnas.models import build_model
@@ -117,8 +119,9 @@ def test_a_child_that_dies_or_fails_is_an_error_naming_the_setting_not_a_hang(mo
 def test_a_search_times_the_supernet_in_a_clean_process_unless_told_not_to(tmp_path):
     cfg = _cfg()
     search = Search(cfg, build_model(cfg.model), cfg.data.image_size, tmp_path)
-    # the supernet and the calibration's sampled sub-networks, at start
-    assert search.network_timer is not None and search.network_timer.calls == 1 + cfg.latency.calibration_networks
+    # the supernet, then the calibration's sampled sub-networks in groups, each group with the supernet, at start
+    groups = math.ceil(cfg.latency.calibration_networks / CALIBRATION_GROUP)
+    assert search.network_timer is not None and search.network_timer.calls == 1 + groups
     assert search.latency_ms_supernet > 0
     off = _cfg("latency.clean_process=false")
     assert start_network_timer(off.latency, 16) is None
