@@ -173,7 +173,7 @@ def trajectory(work: Path, passes: int = 2) -> dict:
     ``passes`` re-timings; how far they disagree is reported as the truth's own noise)."""
     import subprocess
 
-    out, errors, unseen, budgets, repeat = {}, [], [], {}, []
+    out, errors, unseen, budgets, repeat, relative = {}, [], [], {}, [], []
     # training may use every core (its speed is not what is measured); timing stays at latency.threads
     env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
     for name, extra in {**TRAJECTORY_RUNS, **BUDGET_RUNS}.items():
@@ -192,6 +192,7 @@ def trajectory(work: Path, passes: int = 2) -> dict:
         if name in TRAJECTORY_RUNS:
             errors += [abs(r["error_pct"]) for r in retimed["shrinks"]]
             unseen += [abs(r["error_pct_before_refit"]) for r in retimed["shrinks"] if "error_pct_before_refit" in r]
+            relative += [abs(r["error_vs_supernet_pct"]) for r in retimed["shrinks"] if "error_vs_supernet_pct" in r]
         if summary.get("target_latency_ms") and retimed["shrinks"]:
             final = retimed["shrinks"][-1]["retimed_ms_after"]
             ratio = float(dict(a.split("=") for a in extra)["prune.target_ratio"])
@@ -208,6 +209,9 @@ def trajectory(work: Path, passes: int = 2) -> dict:
     # the same, out of sample: each prediction made before its shrink's own figure joined the calibration
     out["median_abs_error_pct_before_refit"] = round(statistics.median(unseen), 2) if unseen else None
     out["max_abs_error_pct_before_refit"] = round(max(unseen), 2) if unseen else None
+    # the same as shares of each side's own supernet figure (bench/retime.py: error_vs_supernet_pct)
+    out["median_abs_error_vs_supernet_pct"] = round(statistics.median(relative), 2) if relative else None
+    out["max_abs_error_vs_supernet_pct"] = round(max(relative), 2) if relative else None
     out["shrinks"] = len(errors)
     if repeat:  # every network of every search: the re-timings' disagreement, the floor any prediction is judged at
         out["retiming_repeatability_median_pct"] = round(statistics.median(repeat), 2)

@@ -50,6 +50,8 @@ def retimed_run(run_dir: Path, passes: int = 1) -> dict:
     archs = [supernet] + [a for _, a in shrinks]
     each = [retime(run_dir, archs) for _ in range(passes)]
     ms = [sum(p[i] for p in each) / passes for i in range(len(archs))]
+    summary = Path(run_dir) / "summary.json"
+    run_supernet = json.loads(summary.read_text()).get("latency_ms_supernet") if summary.exists() else None
     rows = []
     for i, (rec, _) in enumerate(shrinks):
         predicted, after, before = rec["latency_ms_predicted_after"], ms[i + 1], ms[i]
@@ -60,6 +62,11 @@ def retimed_run(run_dir: Path, passes: int = 1) -> dict:
                      **({"error_pct_before_refit": round(100 * (rec["latency_ms_predicted_after_before_refit"] - after)
                                                          / after, 2)}
                         if "latency_ms_predicted_after_before_refit" in rec else {}),
+                     # the prediction as a share of the run's supernet figure against the re-timed share of the
+                     # supernet re-timed beside it: the model's error apart from the machine's speed between the
+                     # run and the re-timing
+                     **({"error_vs_supernet_pct": round(100 * ((predicted / run_supernet) / (after / ms[0]) - 1), 2)}
+                        if run_supernet else {}),
                      "raises_latency": after > 1.02 * before,
                      **({"retimed_ms_after_passes": [round(p[i + 1], 3) for p in each]} if passes > 1 else {})})
     return {"run_dir": str(run_dir), "supernet_retimed_ms": round(ms[0], 3), "shrinks": rows,

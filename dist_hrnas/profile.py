@@ -41,13 +41,17 @@ def build_lut(cfg, progress: bool = True, timer: Timer | None = None) -> dict:
 
 
 def calibration_summary(profile) -> dict:
-    """How the whole-network calibration fits the networks it was fitted on."""
+    """How the whole-network calibration fits the networks it was fitted on, and how it predicts each sampled
+    one from a fit without it (``calibration_held_out_*``: what to expect on networks it has not seen)."""
     cal = profile.calibration
     errors = sorted(abs(e) for e in cal.errors_pct()) if cal is not None and cal.fitted else []
+    held_out = sorted(abs(e) for e in cal.held_out_errors_pct()) if errors else []
     return {"calibration_networks": len(cal.points) if cal is not None else 0,
             "calibration_coef": {k: round(v, 4) for k, v in cal.coef.items()} if errors else {},
             "calibration_median_abs_error_pct": round(errors[len(errors) // 2], 2) if errors else None,
-            "calibration_max_abs_error_pct": round(errors[-1], 2) if errors else None}
+            "calibration_max_abs_error_pct": round(errors[-1], 2) if errors else None,
+            "calibration_held_out_median_abs_error_pct": round(held_out[len(held_out) // 2], 2) if held_out else None,
+            "calibration_held_out_max_abs_error_pct": round(held_out[-1], 2) if held_out else None}
 
 
 @exits_cleanly_on_user_error

@@ -210,6 +210,8 @@ def test_profile_cli_writes_a_lut_that_training_uses_without_timing_ops(tmp_path
         assert profile_cli.main([*args, "--device", "cpu", "--out", str(lut)]) == 0
     printed = json.loads(out.getvalue().strip().splitlines()[-1])
     assert printed["ops_timed"] > 0 and printed["fixed_part_timed"]
+    # the supernet and SEARCH's 4 sampled networks, each sample also predicted by a fit without it
+    assert printed["calibration_networks"] == 5 and printed["calibration_held_out_max_abs_error_pct"] >= 0
     assert len(read_lut_file(lut)["tables"]) == 1
     timed: list[str] = []
     real_call = Timer.__call__

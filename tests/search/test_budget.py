@@ -570,3 +570,20 @@ def test_a_landing_pick_that_meets_the_target_is_taken_however_far_its_rounds_di
     budget.target_s = 0.8 * budget.supernet_measured_s  # before the landing a cut inside 30 % of spread is refused
     early = decide_by_measurement(search, model, {}, epoch=0, last_epoch=False)
     assert not early.due and early.refusals == [REFUSED_MEASURED_SLOWER]
+
+
+def test_a_waypoint_pick_that_measures_under_the_targets_band_becomes_the_landing(tmp_path, even_lut, monkeypatch):
+    """Before the landing a shrink aims at a waypoint of the plan and times one candidate. On a device where
+    smaller networks run far faster than the model says (the cube of the model's share here), the model's pick
+    for a waypoint at 0.8 of the supernet measures under the 0.6 target's band: taken as it was, that shrink
+    would overshoot the whole budget. It becomes the landing instead, and lands in the target's band."""
+    from dist_hrnas.search.decide import decide_by_measurement
+
+    search, model, device = _measured_budget_search(tmp_path, even_lut, lambda p, p0: p0 * (p / p0) ** 3)
+    budget = search.budget
+    waypoint = 0.8 * budget.supernet_measured_s
+    monkeypatch.setattr(budget, "aim_s", lambda epoch, last_epoch: waypoint)
+    decision = decide_by_measurement(search, model, {}, epoch=2, last_epoch=False)
+    measured = [s for _, s in decision.probes]
+    assert measured[0] < budget.target_s * (1 - budget.tolerance)                  # the waypoint's pick overshot
+    assert len(measured) > 1 and decision.due and budget.in_band(decision.measured_s, budget.target_s)
