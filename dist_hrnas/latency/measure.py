@@ -311,13 +311,13 @@ def calibrate(profile: LatencyProfile, model: HRNet, image_size: int, cfg: Laten
         profile.network_s = statistics.median([profile.network_s, *supernet_s])
         profile.calibrated(model)
         table.put(network_key(model, image_size), profile.network_s, 0.0)
-    timed = {id(net): ratio * profile.network_s for net, ratio in zip(fresh, ratios)}
+    timed = iter(ratios)  # the fresh samples' ratios, in the order of `nets`
     calibration = Calibration()
     calibration.add(profile.parts(model), profile.network_s, "supernet")
     for net, hit in zip(nets, cached):
-        seconds = hit["median_s"] if hit else timed.get(id(net))
-        if seconds is None:  # lut_device: a sample the device's LUT lacks
+        if hit is None and cfg.lut_device:  # a sample the device's LUT lacks
             continue
+        seconds = hit["median_s"] if hit else next(timed) * profile.network_s
         if not hit:
             table.put(network_key(net, image_size), seconds, 0.0)
         calibration.add(profile.parts(net), seconds, "sample")
