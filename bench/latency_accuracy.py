@@ -42,8 +42,9 @@ import torch  # noqa: E402
 from bench.retime import retimed_run  # noqa: E402
 from dist_hrnas.config import load_config  # noqa: E402
 from dist_hrnas.latency import CleanProcessTimer, Timed, cpu_threads, make_timer, profile_on_rank0  # noqa: E402
-from dist_hrnas.latency.measure import (CALIBRATION_GROUP, op_at_width, plan_branches,  # noqa: E402
-                                        referenced_figures, runner)
+from dist_hrnas.latency.measure import op_at_width, plan_branches  # noqa: E402
+from dist_hrnas.latency.networks import CALIBRATION_GROUP, referenced_figures  # noqa: E402
+from dist_hrnas.latency.timing import runner  # noqa: E402
 from dist_hrnas.models import build_model, export_arch, model_from_arch  # noqa: E402
 from dist_hrnas.search.surgery import shrink_model  # noqa: E402
 

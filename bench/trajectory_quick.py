@@ -19,7 +19,7 @@ from dist_hrnas.checkpoint import load_checkpoint
 from dist_hrnas.config import load_config
 from dist_hrnas.latency import LatencyProfile
 from dist_hrnas.latency.calibration import sample_arch_widths
-from dist_hrnas.latency.measure import arch_with_widths
+from dist_hrnas.latency.networks import arch_with_widths
 from dist_hrnas.models import build_model, export_arch, model_from_arch
 
 

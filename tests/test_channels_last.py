@@ -10,7 +10,7 @@ from dist_hrnas import train
 from dist_hrnas.config import LatencyConfig, load_config
 from dist_hrnas.data import build_datasets, build_loaders
 from dist_hrnas.latency.lut import fingerprint
-from dist_hrnas.latency.measure import runner
+from dist_hrnas.latency.timing import runner
 from dist_hrnas.models import build_model
 from dist_hrnas.models.layout import format_of, in_format, memory_format, set_memory_format_, to_format
 from dist_hrnas.optim import ModelEma, build_optimizer

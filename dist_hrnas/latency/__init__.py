@@ -1,5 +1,5 @@
 """Latency on the target device: what to time (``measure``), how (``timing``), the curves and prediction the
-search uses (``curve``), the LUT cache file (``lut``), whole networks in fresh processes (``clean_process``)
+search uses (``curve``), whole networks and their calibration (``networks``), the LUT cache file (``lut``), whole networks in fresh processes (``clean_process``)
 and the onnxruntime backend (``onnx_backend``, imported only when chosen).
 
 May import config, models and ``parallel.comm`` (rank 0 measures, the others receive); never search or train.
@@ -8,8 +8,8 @@ This face re-exports what the layers above use.
 from dist_hrnas.latency.clean_process import CleanProcessTimer, start_network_timer
 from dist_hrnas.latency.curve import Curve, LatencyProfile, branch_key, curve_value, marginal_s, sample_widths
 from dist_hrnas.latency.lut import LatencyTable, device_name, read_lut_file
-from dist_hrnas.latency.measure import (block_input_shapes, branch_widths, measure_network, measure_network_on_rank0,
-                                        profile_on_rank0)
+from dist_hrnas.latency.measure import block_input_shapes, branch_widths, profile_on_rank0
+from dist_hrnas.latency.networks import measure_network, measure_network_on_rank0
 from dist_hrnas.latency.timing import NoTiming, Timed, Timer, Timing, cpu_threads, make_timer, target_device
 
 __all__ = ["CleanProcessTimer", "Curve", "LatencyProfile", "LatencyTable", "NoTiming", "Timed", "Timer", "Timing",

@@ -36,7 +36,7 @@ from typing import Callable, Iterable
 from dist_hrnas.parallel import comm
 from dist_hrnas.config import LatencyConfig
 from dist_hrnas.errors import UserError
-from dist_hrnas.latency.measure import network_round
+from dist_hrnas.latency.networks import network_round
 from dist_hrnas.latency.rounds import NETWORK_ROUNDS, RETAKES, Figures, interleaved, settled
 from dist_hrnas.models import HRNet, export_arch, model_from_arch
 from dist_hrnas.latency.timing import make_timer

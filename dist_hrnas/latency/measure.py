@@ -1,5 +1,5 @@
-"""Latency on the target device: per kernel branch, end to end, and the per-channel cost the search uses
-(what to time; how to time it is :mod:`dist_hrnas.latency.timing`).
+"""Latency on the target device: per kernel branch, block join and fixed part, and the profile the search uses
+(what to time; how to time it is :mod:`dist_hrnas.latency.timing`, whole networks :mod:`dist_hrnas.latency.networks`).
 
 Only global rank 0 measures (so no other rank disturbs the timing); the others wait and receive the figures
 as one broadcast tensor (:func:`profile_on_rank0`). Each branch is timed at several widths (its latency
@@ -7,12 +7,9 @@ curve, :mod:`dist_hrnas.latency.curve`); timings are cached per device in the LU
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
-import statistics
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -20,19 +17,14 @@ from tqdm import tqdm
 
 from dist_hrnas.parallel import comm
 from dist_hrnas.config import LatencyConfig
-from dist_hrnas.latency.calibration import Calibration, sample_arch_widths
+from dist_hrnas.latency.calibration import Calibration
 from dist_hrnas.latency.curve import Curve, LatencyProfile, branch_key, curve_value, sample_widths
 from dist_hrnas.latency.lut import LatencyTable
+from dist_hrnas.latency.networks import NetworkTimer, calibrate, network_on_target
 from dist_hrnas.models import AtomicBlock, HRNet, export_arch, model_from_arch
 from dist_hrnas.models.blocks import KernelBranch
-from dist_hrnas.models.layout import memory_format, to_format
-from dist_hrnas.models.fold import fold_bn
 from dist_hrnas.models.probe import probe_forward
-from dist_hrnas.latency.timing import Timed, Timer, cpu_threads, make_timer
-from dist_hrnas.latency.rounds import NETWORK_ROUNDS, RETAKES, Figures, interleaved, settled
-
-# Times a whole network's architecture end to end (clean_timing.CleanProcessTimer: in a fresh process)
-NetworkTimer = Callable[[HRNet], float]
+from dist_hrnas.latency.timing import Timed, Timer, cpu_threads, make_timer, runner
 
 
 def block_input_shapes(model: HRNet, image_size: int) -> dict[str, tuple[int, int, int]]:
@@ -82,18 +74,6 @@ def op_at_width(block: AtomicBlock, kernel: int, width: int) -> KernelBranch:
     """A fresh branch of ``width`` channels with the block's geometry: latency does not depend on weight values."""
     return KernelBranch(block.in_channels, block.out_channels, width, kernel, block.stride, block.expand,
                         block.act, block.bn_kwargs).eval()
-
-
-def runner(module: nn.Module, x: torch.Tensor, cfg: LatencyConfig, device: torch.device) -> Callable[[], object]:
-    if cfg.form == "deployed":  # time what is deployed: every BN folded into its conv, as the export writes it
-        module = fold_bn(module)
-    if cfg.backend == "onnxruntime":
-        from dist_hrnas.latency.onnx_backend import onnx_callable  # optional dependency, imported only when chosen
-        return onnx_callable(module, x, cfg.threads, device)
-    # the format the network runs in (latency.channels_last): the one place ops, joins and networks get it
-    fmt = memory_format(cfg.timed_channels_last)
-    module, x = module.to(device, memory_format=fmt).eval(), to_format(x, fmt)
-    return lambda: module(x)
 
 
 @torch.no_grad()
@@ -193,47 +173,8 @@ def measure_fixed(model: HRNet, image_size: int, cfg: LatencyConfig, timer: Time
     return table.get(key)["median_s"]
 
 
-def compare_networks(models: list[HRNet], image_size: int, cfg: LatencyConfig, timer: Timer,
-                     network_timer: NetworkTimer | None = None, rounds: int = NETWORK_ROUNDS,
-                     retakes: int = RETAKES, decided: Callable[[Figures, int], bool] | None = None) -> Figures:
-    """:func:`interleaved` figures of ``models``: in clean processes when ``network_timer`` can, else here."""
-    if network_timer is not None and hasattr(network_timer, "compare"):
-        return network_timer.compare(models, rounds, retakes, cfg, decided)
-    return interleaved([network_round(m, image_size, cfg, timer) for m in models], cfg, rounds, retakes, decided)
-
-
-def network_round(model: HRNet, image_size: int, cfg: LatencyConfig, timer: Timer) -> Callable[[], float]:
-    """One round of timing ``model`` end to end: the median of ``latency.network_repeats`` forward passes."""
-    net = copy.deepcopy(model)
-    x = torch.randn(cfg.batch_size, model.spec.image_channels, image_size, image_size, device=timer.device)
-    run = Timed(runner(net, x, cfg, timer.device), "network")
-
-    @torch.no_grad()
-    def take() -> float:
-        with cpu_threads(cfg.threads):
-            return timer(run, repeats=cfg.network_repeats).median_s
-    return take
-
-
-def measure_network(model: HRNet, image_size: int, cfg: LatencyConfig, timer: Timer) -> float:
-    """End-to-end forward seconds of ``model`` at ``latency.batch_size`` on the target device (in this process)."""
-    return settled(network_round(model, image_size, cfg, timer), cfg)[0]
-
-
 def branch_widths(model: HRNet) -> dict[str, int]:
     return {branch_key(name, b.kernel): b.hidden for name, block in model.named_blocks() for b in block.branches}
-
-
-def _time_network(model: HRNet, image_size: int, cfg: LatencyConfig, timer: Timer,
-                  network_timer: NetworkTimer | None) -> float:
-    """End-to-end seconds by ``network_timer`` (e.g. in a clean process) when given, else in this process."""
-    return network_timer(model) if network_timer is not None else measure_network(model, image_size, cfg, timer)
-
-
-def network_key(model: HRNet, image_size: int) -> str:
-    """LUT signature of one whole network (its exact architecture and resolution)."""
-    arch = json.dumps({"arch": export_arch(model), "image_size": image_size}, sort_keys=True)
-    return "network_" + hashlib.sha256(arch.encode()).hexdigest()[:16]
 
 
 def lut_profile(model: HRNet, image_size: int, cfg: LatencyConfig, timer: Timer, progress: bool = False,
@@ -246,86 +187,6 @@ def lut_profile(model: HRNet, image_size: int, cfg: LatencyConfig, timer: Timer,
     joins = measure_joins(model, image_size, cfg, timer, table)
     table.save()
     return curves, fixed_s, joins
-
-
-def network_on_target(model: HRNet, image_size: int, cfg: LatencyConfig, timer: Timer,
-                      table: LatencyTable, network_timer: NetworkTimer | None = None) -> float:
-    """The whole network's seconds on the target: timed here (by ``network_timer`` when given, e.g. in a clean
-    process; kept in ``table``, so that runs for this machine from elsewhere have it), or with
-    ``latency.lut_device`` read from it."""
-    key = network_key(model, image_size)
-    if cfg.lut_device and table.get(key) is not None:
-        return table.get(key)["median_s"]
-    # with lut_device nothing may be timed here: NoTiming explains what the LUT lacks
-    network_s = _time_network(model, image_size, cfg, timer, None if cfg.lut_device else network_timer)
-    table.put(key, network_s, 0.0)
-    table.save()
-    return network_s
-
-
-def arch_with_widths(arch: dict, widths: dict[str, list[int]]) -> dict:
-    """``arch`` with each block's branch widths replaced (a width of 0 removes that branch)."""
-    arch = copy.deepcopy(arch)
-    for entry in arch["blocks"]:
-        new = widths.get(entry["name"], entry["widths"])
-        entry["kernel_sizes"] = [k for k, w in zip(entry["kernel_sizes"], new) if w > 0]
-        entry["widths"] = [w for w in new if w > 0]
-    return arch
-
-
-# Calibration networks are timed in groups of this many, the supernet in every group's rounds. A LUT build takes
-# minutes and this machine's speed moves within them (spells of 1.4-1.9x here), so each sample counts as its ratio
-# to the supernet timed beside it, times the supernet's median over all groups: the fit then sees every sample at
-# one machine speed, and no single supernet figure sets the level. (One supernet per 4 samples: +25 % figures.)
-CALIBRATION_GROUP = 4
-
-
-def referenced_figures(models: list[HRNet], supernet: HRNet, image_size: int, cfg: LatencyConfig, timer: Timer,
-                       network_timer: NetworkTimer | None) -> tuple[list[float], list[float]]:
-    """(each of ``models``' seconds over ``supernet``'s, timed in the same rounds; ``supernet``'s figure in each
-    group of CALIBRATION_GROUP models)."""
-    ratios, supernet_s = [], []
-    for start in range(0, len(models), CALIBRATION_GROUP):
-        group = models[start:start + CALIBRATION_GROUP]
-        figures = compare_networks([supernet, *group], image_size, cfg, timer, network_timer)
-        supernet_s.append(figures[0][0])
-        ratios += [seconds / figures[0][0] for seconds, _ in figures[1:]]
-    return ratios, supernet_s
-
-
-def calibrate(profile: LatencyProfile, model: HRNet, image_size: int, cfg: LatencyConfig, timer: Timer,
-              table: LatencyTable, network_timer: NetworkTimer | None) -> Calibration:
-    """The supernet and ``latency.calibration_networks`` sampled sub-networks, measured end to end against the
-    supernet in the same rounds (:func:`referenced_figures`; or read from the LUT, where each lies under its own
-    network key), and the calibration fitted to them. With ``latency.lut_device`` only the samples the device's
-    LUT holds are used. The supernet's figure (``profile.network_s``) becomes the median of its own figures (the
-    one taken before and one per group), and the LUT keeps that for it."""
-    arch = export_arch(model)
-    samples = sample_arch_widths({b["name"]: b["widths"] for b in arch["blocks"]}, cfg.calibration_networks,
-                                 cfg.width_step)
-    nets = [model_from_arch(arch_with_widths(arch, widths)) for widths in samples]
-    cached = [table.get(network_key(net, image_size)) for net in nets]  # a second run times none of them
-    fresh = [] if cfg.lut_device else [net for net, hit in zip(nets, cached) if hit is None]
-    ratios, supernet_s = referenced_figures(fresh, model, image_size, cfg, timer, network_timer)
-    if supernet_s:
-        profile.network_s = statistics.median([profile.network_s, *supernet_s])
-        profile.calibrated(model)
-        table.put(network_key(model, image_size), profile.network_s, 0.0)
-    timed = iter(ratios)  # the fresh samples' ratios, in the order of `nets`
-    calibration = Calibration()
-    calibration.add(profile.parts(model), profile.network_s, "supernet")
-    for net, hit in zip(nets, cached):
-        if hit is None and cfg.lut_device:  # a sample the device's LUT lacks
-            continue
-        seconds = hit["median_s"] if hit else next(timed) * profile.network_s
-        if not hit:
-            table.put(network_key(net, image_size), seconds, 0.0)
-        calibration.add(profile.parts(net), seconds, "sample")
-    calibration.fit()
-    if not cfg.lut_device:  # a device's LUT keeps the device's own fit
-        table.put_calibration(network_key(model, image_size), calibration.state_dict())
-    table.save()
-    return calibration
 
 
 def block_groups(model: HRNet, image_size: int) -> dict[str, str]:
@@ -368,17 +229,3 @@ def profile_on_rank0(model: HRNet, image_size: int, cfg: LatencyConfig, timer: T
     profile.groups = groups
     profile.calibration = Calibration.from_state_dict(comm.broadcast_object(calibration))
     return profile
-
-
-def measure_network_on_rank0(model: nn.Module, image_size: int, cfg: LatencyConfig,
-                             timer: Timer | None = None, network_timer: NetworkTimer | None = None) -> float:
-    """End-to-end seconds measured by rank 0 (with ``network_timer`` when given) and broadcast to all ranks."""
-    packed = torch.zeros(1, dtype=torch.float64)
-    error = None
-    if not comm.is_initialized() or comm.rank() == 0:
-        try:
-            packed[0] = _time_network(model, image_size, cfg, timer or make_timer(cfg), network_timer)
-        except Exception as err:  # the other ranks wait in the broadcast: they must hear of it
-            error = err
-    comm.share_rank0_error(error, "timing the network")
-    return comm.broadcast_(packed, src=0).item()

@@ -1,5 +1,5 @@
 """Rounds of end-to-end figures: how whole networks are compared with each other (what each round times is
-:mod:`dist_hrnas.latency.measure`'s business; this module only schedules rounds and reads their medians)."""
+:mod:`dist_hrnas.latency.networks`' business; this module only schedules rounds and reads their medians)."""
 from __future__ import annotations
 
 from typing import Callable

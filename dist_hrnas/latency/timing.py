@@ -13,9 +13,12 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
+from torch import nn
 
 from dist_hrnas.config import LatencyConfig
 from dist_hrnas.errors import UserError
+from dist_hrnas.models.fold import fold_bn
+from dist_hrnas.models.layout import memory_format, to_format
 
 
 def target_device(cfg: LatencyConfig) -> torch.device:
@@ -27,6 +30,20 @@ def target_device(cfg: LatencyConfig) -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise UserError(f"latency.device={cfg.device} but only {torch.cuda.device_count()} GPU(s) are visible")
     return device
+
+
+def runner(module: nn.Module, x: torch.Tensor, cfg: LatencyConfig, device: torch.device) -> Callable[[], object]:
+    """``module`` on ``x`` as the target runs it (``latency.form``, ``latency.backend``, memory format): what
+    every op, join and network timing calls."""
+    if cfg.form == "deployed":  # time what is deployed: every BN folded into its conv, as the export writes it
+        module = fold_bn(module)
+    if cfg.backend == "onnxruntime":
+        from dist_hrnas.latency.onnx_backend import onnx_callable  # optional dependency, imported only when chosen
+        return onnx_callable(module, x, cfg.threads, device)
+    # the format the network runs in (latency.channels_last): the one place ops, joins and networks get it
+    fmt = memory_format(cfg.timed_channels_last)
+    module, x = module.to(device, memory_format=fmt).eval(), to_format(x, fmt)
+    return lambda: module(x)
 
 
 @contextmanager

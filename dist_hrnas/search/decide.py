@@ -2,7 +2,7 @@
 
 When the target device is this machine every candidate is *measured before any rank cuts*: latency depends on
 the architecture only, so rank 0 builds the candidate with fresh weights and times it end to end against the
-network now, in the same rounds (:func:`dist_hrnas.latency.measure.compare_networks`). A candidate that does not
+network now, in the same rounds (:func:`dist_hrnas.latency.networks.compare_networks`). A candidate that does not
 measure faster is re-fitted (only its whole-branch removals kept) or refused. With a budget the calibrated
 model's pick is measured (at the landing, corrected by measurement while it misses the band), and with a
 ``prune.target_ratio`` every figure is taken against the supernet in the same rounds. Every measured network

@@ -17,7 +17,7 @@ from dist_hrnas.fileio import atomic_write_text
 from dist_hrnas.latency import (LatencyProfile, Timer, make_timer, measure_network_on_rank0, profile_on_rank0,
                                 start_network_timer)
 from dist_hrnas.latency.calibration import Parts
-from dist_hrnas.latency.measure import compare_networks
+from dist_hrnas.latency.networks import compare_networks
 from dist_hrnas.latency.rounds import Figures
 from dist_hrnas.latency.timing import candidate_settings
 from dist_hrnas.latency.lut import lut_device_name

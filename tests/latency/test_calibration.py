@@ -250,7 +250,7 @@ class DriftingDevice:
 
 def test_calibration_networks_are_timed_against_the_supernet_so_a_slow_spell_does_not_tilt_the_fit(tmp_path):
     from dist_hrnas.latency import Timer, profile_on_rank0
-    from dist_hrnas.latency.measure import CALIBRATION_GROUP, network_key
+    from dist_hrnas.latency.networks import CALIBRATION_GROUP, network_key
     from dist_hrnas.latency.lut import read_lut_file
 
     cfg = load_config(CONFIGS / "digits.yaml", [*SEARCH, "latency.calibration_networks=12", "latency.repeats=1",
@@ -267,16 +267,40 @@ def test_calibration_networks_are_timed_against_the_supernet_so_a_slow_spell_doe
     assert len(points) == 13 and prof.network_s == pytest.approx(seconds(model)) == points[0][1]
     level = [measured / seconds(net) for (_, measured, _), net in zip(points[1:], _sampled(model, cfg))]
     assert level == pytest.approx([1.0] * 12)
-    # the LUT keeps the referenced figures: a second run times the supernet afresh, and reads every sample
+    # the LUT keeps the referenced figures
     ops = next(iter(read_lut_file(tmp_path / "lut.json")["tables"].values()))["ops"]
     assert ops[network_key(model, 16)]["median_s"] == pytest.approx(seconds(model))
-    again = DriftingDevice(seconds, [1.0])
-    prof2 = profile_on_rank0(model, 16, cfg, Timer(torch.device("cpu"), 0, 1), network_timer=again)
-    assert again.compared == 1 and [p[1] for p in prof2.calibration.points[1:]] == [p[1] for p in points[1:]]
+
+
+def test_a_later_run_times_a_few_lut_samples_beside_the_supernet_so_one_slow_figure_does_not_set_its_level(tmp_path):
+    from dist_hrnas.latency import Timer, profile_on_rank0
+    from dist_hrnas.latency.networks import LEVEL_CHECKS, LEVEL_GROUP, network_key
+    from dist_hrnas.latency.lut import read_lut_file
+
+    cfg = load_config(CONFIGS / "digits.yaml", [*SEARCH, "latency.calibration_networks=12", "latency.repeats=1",
+                                                 f"latency.lut={tmp_path / 'lut.json'}"]).latency
+    model = build_model(load_config(CONFIGS / "digits.yaml", SEARCH).model)
+    seconds = lambda m: 1e-3 * (2 + 0.01 * sum(_widths(m)))  # noqa: E731 - the device's truth
+    cpu = Timer(torch.device("cpu"), 0, 1)
+    profile_on_rank0(model, 16, cfg, cpu, network_timer=DriftingDevice(seconds, [1.0]))  # builds the LUT
+    lut = read_lut_file(tmp_path / "lut.json")
+    # an hour later the machine runs 1.2x slower, and the run's first supernet figure falls in a 1.6x spell
+    later = DriftingDevice(seconds, [1.6, 1.2, 1.2])
+    prof = profile_on_rank0(model, 16, cfg, cpu, network_timer=later)
+    assert later.compared == 1 + LEVEL_CHECKS // LEVEL_GROUP  # the supernet, then two groups of LUT samples
+    # the supernet's median figure outvotes the slow one, and every LUT sample enters the fit at the run's speed
+    assert prof.network_s == pytest.approx(1.2 * seconds(model))
+    level = [measured / seconds(net) for (_, measured, _), net in zip(prof.calibration.points[1:], _sampled(model, cfg))]
+    assert level == pytest.approx([1.2] * 12)
+    # the LUT's figures stay at the speed its samples were timed at (the supernet's too), so they stay comparable
+    figures = [{k: v["median_s"] for k, v in next(iter(lut_file["tables"].values()))["ops"].items()}
+               for lut_file in (lut, read_lut_file(tmp_path / "lut.json"))]
+    assert figures[1] == pytest.approx(figures[0]) and figures[1][network_key(model, 16)] == pytest.approx(
+        seconds(model))
 
 
 def _sampled(model, cfg) -> list:
-    from dist_hrnas.latency.measure import arch_with_widths
+    from dist_hrnas.latency.networks import arch_with_widths
     from dist_hrnas.models import export_arch, model_from_arch
 
     arch = export_arch(model)

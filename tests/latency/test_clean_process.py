@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dist_hrnas.latency.clean_process import CleanProcessTimer, _NetworkProcess, start_network_timer
-from dist_hrnas.latency.measure import CALIBRATION_GROUP
+from dist_hrnas.latency.networks import CALIBRATION_GROUP
 from dist_hrnas.config import load_config
 from dist_hrnas.errors import UserError
 from dist_hrnas.models import build_model

@@ -9,7 +9,8 @@ from dist_hrnas.config import load_config
 from dist_hrnas.errors import ConfigError
 from dist_hrnas.latency import Timer, profile_on_rank0
 from dist_hrnas.latency.lut import LatencyTable, LutMismatchWarning, fingerprint, fingerprint_id, read_lut_file
-from dist_hrnas.latency.measure import BlockJoin, op_at_width, runner
+from dist_hrnas.latency.measure import BlockJoin, op_at_width
+from dist_hrnas.latency.timing import runner
 from dist_hrnas.models import build_model
 from tests.conftest import CONFIGS, SMALL
 

@@ -15,7 +15,8 @@ from dist_hrnas import train
 from dist_hrnas.config import PruneConfig, load_config
 from dist_hrnas.errors import ConfigError, UserError
 from dist_hrnas.latency import Timed, Timer, Timing, branch_key, curve_value, profile_on_rank0
-from dist_hrnas.latency.measure import network_key, plan_branches
+from dist_hrnas.latency.measure import plan_branches
+from dist_hrnas.latency.networks import network_key
 from dist_hrnas.latency.rounds import NETWORK_ROUNDS
 from dist_hrnas.latency.lut import LutMismatchWarning, read_lut_file
 from dist_hrnas.metrics import read_scalars
