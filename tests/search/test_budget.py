@@ -587,3 +587,25 @@ def test_a_waypoint_pick_that_measures_under_the_targets_band_becomes_the_landin
     measured = [s for _, s in decision.probes]
     assert measured[0] < budget.target_s * (1 - budget.tolerance)                  # the waypoint's pick overshot
     assert len(measured) > 1 and decision.due and budget.in_band(decision.measured_s, budget.target_s)
+
+
+def test_a_candidate_read_far_slower_than_the_model_and_the_network_now_say_is_timed_again(tmp_path, even_lut):
+    """At the landing the device runs every network 1.2x the model's prediction (the network now too, so the
+    model is off alike for all), and the first comparison reads the candidate alone 1.3x slower still, a slow
+    spell the supernet beside it does not show. That candidate departs from the model by 1.3x against the
+    network now: it is timed once more, and the faster comparison (its real figure) is taken and joins the fit."""
+    from dist_hrnas.search.decide import DEPARTURE, decide_by_measurement, departure
+    from dist_hrnas.search.masks import shrunk_view
+
+    search, model, device = _measured_budget_search(tmp_path, even_lut, lambda p, p0: 1.2 * p)
+    references = {json.dumps(export_arch(model), sort_keys=True),
+                  json.dumps(search.budget_reference_arch(), sort_keys=True)}
+    device.slower_of = lambda m: 1.3 if len(device.compared) == 1 and json.dumps(
+        export_arch(m), sort_keys=True) not in references else 1.0
+    decision = decide_by_measurement(search, model, {}, epoch=7, last_epoch=True)
+    first = search.profile.parts(shrunk_view(model, decision.masks))
+    assert device.compared[:2] == [2, 2]                      # the first candidate, timed twice
+    truth = device.seconds(shrunk_view(model, decision.masks))
+    assert decision.probes[0][0] == first and decision.probes[0][1] == pytest.approx(truth)
+    assert 1.0 + DEPARTURE < departure(search, model, decision.masks, 1.3 * truth) == pytest.approx(1.3)
+    assert departure(search, model, decision.masks, truth) == pytest.approx(1.0)
