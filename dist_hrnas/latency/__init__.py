@@ -1,6 +1,7 @@
-"""Latency on the target device: what to time (``measure``), how (``timing``), the curves and prediction the
-search uses (``curve``), whole networks and their calibration (``networks``), the LUT cache file (``lut``), whole networks in fresh processes (``clean_process``)
-and the onnxruntime backend (``onnx_backend``, imported only when chosen).
+"""Latency on the target device: what to time (``measure``: ops; ``networks``: whole networks and the
+calibration), how (``timing``), the curves and prediction the search uses (``curve``), the LUT cache file
+(``lut``), whole networks in fresh processes (``clean_process``) and the onnxruntime backend (``onnx_backend``,
+imported only when chosen).
 
 May import config, models and ``parallel.comm`` (rank 0 measures, the others receive); never search or train.
 This face re-exports what the layers above use.

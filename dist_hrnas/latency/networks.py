@@ -68,16 +68,13 @@ def network_key(model: HRNet, image_size: int) -> str:
 def network_on_target(model: HRNet, image_size: int, cfg: LatencyConfig, timer: Timer,
                       table: LatencyTable, network_timer: NetworkTimer | None = None) -> float:
     """The whole network's seconds on the target: timed here (by ``network_timer`` when given, e.g. in a clean
-    process; kept in ``table``, so that runs for this machine from elsewhere have it), or with
-    ``latency.lut_device`` read from it."""
+    process), or with ``latency.lut_device`` read from ``table``. :func:`calibrate`, which settles the supernet's
+    figure, keeps it in the LUT."""
     key = network_key(model, image_size)
     if cfg.lut_device and table.get(key) is not None:
         return table.get(key)["median_s"]
     # with lut_device nothing may be timed here: NoTiming explains what the LUT lacks
-    network_s = _time_network(model, image_size, cfg, timer, None if cfg.lut_device else network_timer)
-    table.put(key, network_s, 0.0)
-    table.save()
-    return network_s
+    return _time_network(model, image_size, cfg, timer, None if cfg.lut_device else network_timer)
 
 
 def arch_with_widths(arch: dict, widths: dict[str, list[int]]) -> dict:
