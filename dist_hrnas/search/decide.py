@@ -68,6 +68,17 @@ DEPARTURE = 0.15
 # about the model's own error on networks it has not seen (held-out median 2-6 %, max 6-15 %), so the bound stops
 # a reference read in a slow spell (scales down to 0.67 here) without overruling the model's own few percent.
 PREDICTION_SLACK = 0.10
+# At a landing whose comparison is cheap (its timed runs, rounds x latency.candidate_repeats x the networks' figures,
+# under LANDING_MEDIAN_S) every candidate is compared LANDING_COMPARISONS times and the comparison whose candidate
+# reads the median is kept. Each comparison starts fresh children, and one process runs a network faster or slower
+# than the next: side by side at batch 1 (10 comparisons of the same two networks per protocol), a landed 0.7
+# network's ratio to the supernet read 0.59-0.69 from one comparison to the next, median 0.643 with every protocol
+# tried (more runs per round did not narrow it), and both batch-1 0.7 budgets of runs O and P landed on a single
+# comparison 10-11 % under their ratio. At batch 1 a comparison's runs take ~0.2 s (its wall ~1 s, mostly the
+# children's starts), so two more per probe cost a few seconds of the search; at batch 32 ~1.2 s of runs (~4 s of
+# wall) per probe, so there the single comparison (with the DEPARTURE retake) stands.
+LANDING_COMPARISONS = 3
+LANDING_MEDIAN_S = 0.5
 
 
 def required_gain(now_spread: float, after_spread: float) -> float:
@@ -222,12 +233,24 @@ def _settled(figures: list[tuple[float, float]], taken: int = CANDIDATE_ROUNDS) 
 
 def _timed(search: "Search", model: HRNet, candidate: Masks,
            landing: bool = False) -> tuple[tuple[float, float], tuple[float, float], float]:
-    """:func:`_compared`, taken once more when the candidate's figure departs from the calibrated model by more
-    than DEPARTURE (:func:`departure`); then the comparison whose candidate reads faster is kept."""
+    """:func:`_compared`; at a landing whose comparison is cheap (LANDING_MEDIAN_S) taken LANDING_COMPARISONS times
+    and the comparison whose candidate reads the median kept; otherwise taken once more when the candidate's figure
+    departs from the calibrated model by more than DEPARTURE (:func:`departure`), and the comparison whose
+    candidate reads faster kept."""
     first = _compared(search, model, candidate, landing)
+    if landing and timed_runs_s(search, first) <= LANDING_MEDIAN_S:
+        taken = [first, *(_compared(search, model, candidate, landing) for _ in range(LANDING_COMPARISONS - 1))]
+        return sorted(taken, key=lambda figures: figures[1][0])[len(taken) // 2]
     if departure(search, model, candidate, first[1][0]) <= 1.0 + DEPARTURE:
         return first
     return min(first, _compared(search, model, candidate, landing), key=lambda figures: figures[1][0])
+
+
+def timed_runs_s(search: "Search", figures: tuple[tuple[float, float], tuple[float, float], float]) -> float:
+    """Seconds of timed runs a comparison of the network now and a candidate takes (``figures`` as
+    :func:`_compared` returns them, scaled: the raw figures are the scaled ones over the scale)."""
+    (now_s, _), (after_s, _), scale = figures
+    return CANDIDATE_ROUNDS * search.cfg.latency.candidate_repeats * (now_s + after_s) / scale
 
 
 def departure(search: "Search", model: HRNet, candidate: Masks, after_s: float) -> float:

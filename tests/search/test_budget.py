@@ -346,14 +346,15 @@ def _shrink_first_block(search, model) -> None:
 
 
 def test_a_budget_is_met_by_measured_candidates_when_the_model_reads_low(tmp_path, even_lut):
-    from dist_hrnas.search.decide import decide_by_measurement
+    from dist_hrnas.search.decide import LANDING_COMPARISONS, decide_by_measurement
 
     search, model, device = _measured_budget_search(tmp_path, even_lut, lambda p, p0: 1.2 * p)  # the model reads 20 % low
     budget, supernet_s = search.budget, search.budget.supernet_measured_s
     decision = decide_by_measurement(search, model, {}, epoch=7, last_epoch=True)
     # the model's pick, mapped by the supernet's measured/predicted ratio, lands in the band: one candidate,
-    # timed with the network now (here the supernet itself, so the budget's reference is not timed twice)
-    assert device.compared == [2] and len(decision.probes) == 1
+    # timed with the network now (here the supernet itself, so the budget's reference is not timed twice), in
+    # LANDING_COMPARISONS comparisons (these networks are cheap to time)
+    assert device.compared == [2] * LANDING_COMPARISONS and len(decision.probes) == 1
     assert decision.due and decision.before_s == pytest.approx(supernet_s) and decision.scale == pytest.approx(1.0)
     assert budget.in_band(decision.measured_s, budget.target_s)
     # a comparison is timed with latency.candidate_repeats runs per round after at most 2 untimed ones
@@ -439,13 +440,13 @@ def test_a_ratio_budget_judges_candidates_against_the_supernet_timed_in_the_same
     the target, but the target is a ratio to the supernet, which is timed beside it and reads 25 % slower too.
     When the supernet's rounds disagree (after more retakes than other comparisons get), the network now's own
     earlier figure scales them, if its rounds agree."""
-    from dist_hrnas.search.decide import LANDING_RETAKES, decide_by_measurement
+    from dist_hrnas.search.decide import LANDING_COMPARISONS, LANDING_RETAKES, decide_by_measurement
 
     search, model, device = _measured_budget_search(tmp_path, even_lut, lambda p, p0: 1.2 * p, slower=1.25)
     _shrink_first_block(search, model)                              # the network now is not the supernet
     budget = search.budget
     decision = decide_by_measurement(search, model, {}, epoch=7, last_epoch=True)
-    assert device.compared == [3]                                   # the network now, the candidate, the supernet
+    assert device.compared == [3] * LANDING_COMPARISONS             # the network now, the candidate, the supernet
     assert device.retakes == LANDING_RETAKES
     assert decision.scale == pytest.approx(1 / 1.25)                # every figure back in the start's units
     assert decision.before_s == pytest.approx(1.2 * search.profile.predict_s(model))
@@ -516,7 +517,7 @@ def test_a_slow_spell_scale_never_takes_a_candidate_far_under_its_prediction(tmp
 def test_a_network_that_already_measures_under_the_target_meets_the_budget_without_a_cut(tmp_path, even_lut):
     """Re-timed for the landing, the network as it is comes out at or under the target (its last figure, taken
     after its shrink, was over): nothing more is cut, and the budget is met with that figure."""
-    from dist_hrnas.search.decide import decide_by_measurement
+    from dist_hrnas.search.decide import LANDING_COMPARISONS, decide_by_measurement
 
     search, model, device = _measured_budget_search(tmp_path, even_lut, lambda p, p0: 1.2 * p)
     _shrink_first_block(search, model)
@@ -524,7 +525,7 @@ def test_a_network_that_already_measures_under_the_target_meets_the_budget_witho
     budget.target_s = 1.02 * now_s                     # still under the supernet: a valid budget
     decision = decide_by_measurement(search, model, {}, epoch=7, last_epoch=True)
     assert not decision.due and decision.before_s == pytest.approx(now_s) and not budget.done
-    assert device.compared == [3]                      # one candidate timed, then no more: the network now is in
+    assert device.compared == [3] * LANDING_COMPARISONS  # one candidate, then no more: the network now is in
     search.measured_without_cut(decision)
     assert budget.done and search.latency_ms_measured == pytest.approx(now_s * 1e3)
 
@@ -594,14 +595,18 @@ def test_a_waypoint_pick_that_measures_under_the_targets_band_becomes_the_landin
     assert len(measured) > 1 and decision.due and budget.in_band(decision.measured_s, budget.target_s)
 
 
-def test_a_candidate_read_far_slower_than_the_model_and_the_network_now_say_is_timed_again(tmp_path, even_lut):
-    """At the landing the device runs every network 1.2x the model's prediction (the network now too, so the
-    model is off alike for all), and the first comparison reads the candidate alone 1.3x slower still, a slow
-    spell the supernet beside it does not show. That candidate departs from the model by 1.3x against the
-    network now: it is timed once more, and the faster comparison (its real figure) is taken and joins the fit."""
+def test_a_candidate_read_far_slower_than_the_model_and_the_network_now_say_is_timed_again(tmp_path, even_lut,
+                                                                                          monkeypatch):
+    """At a landing too costly to compare each candidate several times (LANDING_MEDIAN_S), the device runs every
+    network 1.2x the model's prediction (the network now too, so the model is off alike for all), and the first
+    comparison reads the candidate alone 1.3x slower still, a slow spell the supernet beside it does not show.
+    That candidate departs from the model by 1.3x against the network now: it is timed once more, and the faster
+    comparison (its real figure) is taken and joins the fit."""
+    from dist_hrnas.search import decide
     from dist_hrnas.search.decide import DEPARTURE, decide_by_measurement, departure
     from dist_hrnas.search.masks import shrunk_view
 
+    monkeypatch.setattr(decide, "LANDING_MEDIAN_S", 0.0)  # as if these networks took seconds to time
     search, model, device = _measured_budget_search(tmp_path, even_lut, lambda p, p0: 1.2 * p)
     references = {json.dumps(export_arch(model), sort_keys=True),
                   json.dumps(search.budget_reference_arch(), sort_keys=True)}
@@ -614,3 +619,33 @@ def test_a_candidate_read_far_slower_than_the_model_and_the_network_now_say_is_t
     assert decision.probes[0][0] == first and decision.probes[0][1] == pytest.approx(truth)
     assert 1.0 + DEPARTURE < departure(search, model, decision.masks, 1.3 * truth) == pytest.approx(1.3)
     assert departure(search, model, decision.masks, truth) == pytest.approx(1.0)
+
+
+def test_a_cheap_landing_takes_the_median_of_several_comparisons_of_each_candidate(tmp_path, even_lut, monkeypatch):
+    """Each comparison starts fresh children, and one process runs a network a few percent faster or slower than
+    the next (at batch 1 here a ratio read 0.59-0.69 from one comparison to the next). At a landing whose
+    comparisons are cheap every candidate is compared LANDING_COMPARISONS times: the first reads the candidate
+    12 % slow (within DEPARTURE, so no retake would catch it), the third 5 % fast; the landing takes the middle
+    figure, its real one. Where a comparison costs more than LANDING_MEDIAN_S of timed runs, one is taken."""
+    from dist_hrnas.search import decide
+    from dist_hrnas.search.decide import LANDING_COMPARISONS, LANDING_MEDIAN_S, decide_by_measurement, timed_runs_s
+    from dist_hrnas.search.masks import shrunk_view
+
+    search, model, device = _measured_budget_search(tmp_path, even_lut, lambda p, p0: 1.2 * p)
+    now = json.dumps(export_arch(model), sort_keys=True)    # the network now: the supernet, the ratio's reference
+    personality = {1: 1.12, 2: 1.0, 3: 0.95}                # the candidate's process, comparison by comparison
+    device.slower_of = lambda m: 1.0 if json.dumps(export_arch(m), sort_keys=True) == now else personality.get(
+        len(device.compared) % LANDING_COMPARISONS or LANDING_COMPARISONS, 1.0)
+    decision = decide_by_measurement(search, model, {}, epoch=7, last_epoch=True)
+    assert LANDING_COMPARISONS == 3 and device.compared == [2, 2, 2] and len(decision.probes) == 1
+    truth = device.seconds(shrunk_view(model, decision.masks))
+    assert decision.due and decision.measured_s == pytest.approx(truth)
+    assert decision.probes[0][1] == pytest.approx(truth)    # the calibration takes the middle figure too
+    figures = ((device.seconds(model), 0.0), (truth, 0.0), 0.5)  # a comparison's cost is in its raw figures
+    assert timed_runs_s(search, figures) == pytest.approx(
+        2 * decide.CANDIDATE_ROUNDS * search.cfg.latency.candidate_repeats * (device.seconds(model) + truth))
+    assert timed_runs_s(search, figures) <= LANDING_MEDIAN_S   # these networks are cheap to time
+    monkeypatch.setattr(decide, "LANDING_MEDIAN_S", 0.0)    # costly ones: one comparison, its figure as it read
+    device.compared.clear()
+    single = decide_by_measurement(search, model, {}, epoch=7, last_epoch=True)
+    assert device.compared[0] == 2 and single.probes[0][1] == pytest.approx(1.12 * truth)
