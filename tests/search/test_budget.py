@@ -624,22 +624,25 @@ def test_a_candidate_read_far_slower_than_the_model_and_the_network_now_say_is_t
 def test_a_cheap_landing_takes_the_median_of_several_comparisons_of_each_candidate(tmp_path, even_lut, monkeypatch):
     """Each comparison starts fresh children, and one process runs a network a few percent faster or slower than
     the next (at batch 1 here a ratio read 0.59-0.69 from one comparison to the next). At a landing whose
-    comparisons are cheap every candidate is compared LANDING_COMPARISONS times: the first reads the candidate
-    12 % slow (within DEPARTURE, so no retake would catch it), the third 5 % fast; the landing takes the middle
-    figure, its real one. Where a comparison costs more than LANDING_MEDIAN_S of timed runs, one is taken."""
+    comparisons are cheap a candidate that reads at or under the aim is compared LANDING_COMPARISONS times: the
+    first reads the candidate 10 % fast (under the band: taken so, or steered from, the landing would end under
+    it), the third 12 % slow; the landing takes the middle figure, its real one, in the band. Where a comparison
+    costs more than LANDING_MEDIAN_S of timed runs, one is taken."""
     from dist_hrnas.search import decide
     from dist_hrnas.search.decide import LANDING_COMPARISONS, LANDING_MEDIAN_S, decide_by_measurement, timed_runs_s
     from dist_hrnas.search.masks import shrunk_view
 
     search, model, device = _measured_budget_search(tmp_path, even_lut, lambda p, p0: 1.2 * p)
     now = json.dumps(export_arch(model), sort_keys=True)    # the network now: the supernet, the ratio's reference
-    personality = {1: 1.12, 2: 1.0, 3: 0.95}                # the candidate's process, comparison by comparison
+    personality = {1: 0.9, 2: 1.0, 3: 1.12}                 # the candidate's process, comparison by comparison
     device.slower_of = lambda m: 1.0 if json.dumps(export_arch(m), sort_keys=True) == now else personality.get(
-        len(device.compared) % LANDING_COMPARISONS or LANDING_COMPARISONS, 1.0)
+        len(device.compared), 1.0)
+    budget = search.budget
     decision = decide_by_measurement(search, model, {}, epoch=7, last_epoch=True)
     assert LANDING_COMPARISONS == 3 and device.compared == [2, 2, 2] and len(decision.probes) == 1
     truth = device.seconds(shrunk_view(model, decision.masks))
-    assert decision.due and decision.measured_s == pytest.approx(truth)
+    assert decision.due and decision.measured_s == pytest.approx(truth) and budget.in_band(truth, budget.target_s)
+    assert 0.9 * truth < budget.target_s * (1 - budget.tolerance)  # the first figure alone: under the band
     assert decision.probes[0][1] == pytest.approx(truth)    # the calibration takes the middle figure too
     figures = ((device.seconds(model), 0.0), (truth, 0.0), 0.5)  # a comparison's cost is in its raw figures
     assert timed_runs_s(search, figures) == pytest.approx(
@@ -648,4 +651,35 @@ def test_a_cheap_landing_takes_the_median_of_several_comparisons_of_each_candida
     monkeypatch.setattr(decide, "LANDING_MEDIAN_S", 0.0)    # costly ones: one comparison, its figure as it read
     device.compared.clear()
     single = decide_by_measurement(search, model, {}, epoch=7, last_epoch=True)
-    assert device.compared[0] == 2 and single.probes[0][1] == pytest.approx(1.12 * truth)
+    assert device.compared[0] == 2 and single.probes[0][1] == pytest.approx(0.9 * truth)
+    assert len(single.probes) > 1                           # steered on from a figure under the band
+
+
+def test_a_landing_stops_on_the_network_nows_median_figure_not_on_its_latest(tmp_path, even_lut, monkeypatch):
+    """The target lies 2 % under the network now. The first comparison reads the network now at its figure and
+    the model's pick 5 % slow (over the aim: a miss); the second, aimed through that miss, lands under the band,
+    and reads the network now 3 % fast, under the target. That one figure must not stop the probes (the first
+    still said the network is over the target; their median is too): the two candidates bracket the band, and
+    a third between them lands in it. Stopped there, the landing took the candidate under the band."""
+    from dist_hrnas.search import decide
+    from dist_hrnas.search.decide import decide_by_measurement
+
+    monkeypatch.setattr(decide, "LANDING_MEDIAN_S", 0.0)   # one comparison per candidate, to follow them one by one
+    search, model, device = _measured_budget_search(tmp_path, even_lut, lambda p, p0: p)  # the model is exact
+    _shrink_first_block(search, model)
+    budget, now_s = search.budget, device.seconds(model)
+    budget.target_s = 0.98 * now_s
+    search.latency_ms_measured = now_s * 1e3
+    now, supernet = (json.dumps(a, sort_keys=True) for a in (export_arch(model), search.budget_reference_arch()))
+
+    def slower_of(m) -> float:
+        arch = json.dumps(export_arch(m), sort_keys=True)
+        if arch == supernet:
+            return 1.0
+        return {1: 1.0, 2: 0.97}.get(len(device.compared), 1.0) if arch == now else \
+            {1: 1.05}.get(len(device.compared), 1.0)
+    device.slower_of = slower_of
+    decision = decide_by_measurement(search, model, {}, epoch=7, last_epoch=True)
+    measured = [s for _, s in decision.probes]
+    assert measured[0] > budget.target_s and measured[1] < budget.target_s * (1 - budget.tolerance)
+    assert len(measured) >= 3 and decision.due and budget.in_band(decision.measured_s, budget.target_s)
