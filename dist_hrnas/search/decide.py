@@ -100,6 +100,7 @@ class Decision:
     before_s: float | None = None     # the network now, timed in the same rounds
     probes: list[tuple[dict, float]] = field(default_factory=list)  # (calibration parts, measured seconds)
     scale: float = 1.0  # measured figures were scaled by this to the start's units (see _timed)
+    probes_before_s: list[float] = field(default_factory=list)  # the network now, in each probe's comparison
 
 
 def decide_by_model(search: "Search", model: HRNet, masks: Masks, epoch: int, last_epoch: bool) -> Decision:
@@ -124,7 +125,7 @@ def decide_by_measurement(search: "Search", model: HRNet, masks: Masks, epoch: i
                                                                                    last_epoch)
         return {"flat": flatten_masks(model, decision.masks).tolist(), "due": decision.due,
                 "refusals": decision.refusals, "measured_s": decision.measured_s, "before_s": decision.before_s,
-                "probes": decision.probes, "scale": decision.scale}
+                "probes": decision.probes, "scale": decision.scale, "probes_before_s": decision.probes_before_s}
 
     payload = comm.broadcast_object(comm.on_rank0(on_rank0, "measuring the shrink's candidates"))
     masks = unflatten_masks(model, torch.tensor(payload.pop("flat"), dtype=torch.bool))
@@ -206,8 +207,10 @@ def _budget_candidates(search: "Search", model: HRNet, masks: Masks, epoch: int,
     if not timed:
         return Decision(masks, False)
     probes = [(search.profile.parts(shrunk_view(model, t[0])), t[2][0]) for t in timed]
+    befores = [t[1][0] for t in timed]
     if _now_s(timed) <= budget.target_s:  # the network as it is already measures at or under the target: met
-        return Decision(masks, False, before_s=_now_s(timed), probes=probes, scale=timed[0][3])
+        return Decision(masks, False, before_s=_now_s(timed), probes=probes, scale=timed[0][3],
+                        probes_before_s=befores)
     candidate, (now_s, now_spread), (after_s, after_spread), scale = timed[
         budget.pick({i: t[2][0] for i, t in enumerate(timed)}, aim)]
     # at the landing a pick that meets the target is taken when faster at all: the gain the budget asks is then
@@ -215,8 +218,9 @@ def _budget_candidates(search: "Search", model: HRNet, masks: Masks, epoch: int,
     # searches at batch 32 were refused so and ended 11-34 % over); any other pick must beat the spreads
     gain = 0.0 if landing and after_s <= aim else required_gain(now_spread, after_spread)
     if after_s >= now_s * (1.0 - gain):
-        return Decision(masks, False, [REFUSED_MEASURED_SLOWER], before_s=now_s, probes=probes, scale=scale)
-    return Decision(candidate, True, [], after_s, now_s, probes, scale)
+        return Decision(masks, False, [REFUSED_MEASURED_SLOWER], before_s=now_s, probes=probes, scale=scale,
+                        probes_before_s=befores)
+    return Decision(candidate, True, [], after_s, now_s, probes, scale, befores)
 
 
 def _now_s(timed: list[tuple]) -> float:

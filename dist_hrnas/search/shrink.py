@@ -127,6 +127,8 @@ def shrink(search: Search, state: TrainState, ctx: comm.DistContext, decision: D
         extra["latency_ms_measured_before"] = round(decision.before_s * 1e3, 4)
     if len(decision.probes) > 1:  # a landing that timed several candidates: each one's figure, in timing order
         extra["candidates_measured_ms"] = [round(seconds * 1e3, 4) for _, seconds in decision.probes]
+        if decision.probes_before_s:  # ... and the network now's figure beside each (what stopped the probes)
+            extra["network_now_measured_ms"] = [round(seconds * 1e3, 4) for seconds in decision.probes_before_s]
     if decision.scale != 1.0:  # figures in the units of the start's supernet figure (search.decide._timed)
         extra["latency_scale_to_start"] = round(decision.scale, 5)
     if search.budget is not None:

@@ -400,6 +400,9 @@ def test_a_landing_that_misses_the_band_is_corrected_by_measured_candidates(tmp_
     state = build_state(search.cfg, DistContext(), model, 0.01, 10, None)
     record = shrink(search, state, DistContext(), decision, 7, lambda: [], NullWriter())
     assert record["candidates_measured_ms"] == [pytest.approx(1e3 * s, abs=1e-4) for s in measured]
+    # ... and the network now's figure in each candidate's comparison (the device is exact: the supernet's)
+    assert record["network_now_measured_ms"] == [pytest.approx(1e3 * budget.supernet_measured_s, abs=1e-4)] * len(
+        measured)
     assert record["latency_ms_measured_after"] == pytest.approx(1e3 * decision.measured_s, abs=1e-4)
     assert json.loads(search.files.shrinks.read_text().splitlines()[-1]) == record
 
