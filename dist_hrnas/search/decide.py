@@ -71,14 +71,12 @@ DEPARTURE = 0.15
 PREDICTION_SLACK = 0.10
 # At a landing whose comparison is cheap (its timed runs, rounds x latency.candidate_repeats x the networks' figures,
 # under LANDING_MEDIAN_S) a candidate that reads at or under the aim (one the landing may take) is compared
-# LANDING_COMPARISONS times and the comparison whose candidate reads the median is kept. One process runs a network
-# faster or slower than the next: side by side at batch 1 (10 comparisons of the same two networks per protocol,
-# fresh children each), a landed 0.7 network's ratio to the supernet read 0.59-0.69 from one comparison to the
-# next, median 0.643 with every protocol tried (more runs per round did not narrow it), and both batch-1 0.7
-# budgets of runs O and P landed on a single comparison 10-11 % under their ratio. So the repeats start fresh
-# children for every network: a search otherwise times a network the last comparison timed in that child again,
-# and the same processes read alike (runs R-T of session 19 repeated the comparison in them). At batch 1 a
-# comparison's runs take ~0.2 s (its wall ~1 s, mostly the children's starts), so two more cost a few seconds of
+# LANDING_COMPARISONS times and the comparison whose candidate reads the median is kept. Each comparison starts
+# fresh children, and one process runs a network faster or slower than the next: side by side at batch 1 (10
+# comparisons of the same two networks per protocol), a landed 0.7 network's ratio to the supernet read 0.59-0.69
+# from one comparison to the next, median 0.643 with every protocol tried (more runs per round did not narrow it),
+# and both batch-1 0.7 budgets of runs O and P landed on a single comparison 10-11 % under their ratio. At batch 1
+# a comparison's runs take ~0.2 s (its wall ~1 s, mostly the children's starts), so two more cost a few seconds of
 # the search; at batch 32 ~1.2 s of runs (~4 s of wall) each, so there the single comparison (with the DEPARTURE
 # retake) stands. Comparing every probe so (benchmark run R) took a batch-1 0.7 search's candidate timing from
 # 4-6 s to 22 s (19 % of its wall); probes read over the aim only steer the next one.
@@ -258,8 +256,7 @@ def _timed(search: "Search", model: HRNet, candidate: Masks, landing: bool = Fal
     compared once more, and the comparison whose candidate reads faster kept."""
     first = _compared(search, model, candidate, landing)
     if aim_s is not None and first[1][0] <= aim_s and timed_runs_s(search, first) <= LANDING_MEDIAN_S:
-        taken = [first, *(_compared(search, model, candidate, landing, fresh=True)
-                          for _ in range(LANDING_COMPARISONS - 1))]
+        taken = [first, *(_compared(search, model, candidate, landing) for _ in range(LANDING_COMPARISONS - 1))]
         return sorted(taken, key=lambda figures: figures[1][0])[len(taken) // 2]
     if departure(search, model, candidate, first[1][0]) <= 1.0 + DEPARTURE:
         return first
@@ -283,8 +280,8 @@ def departure(search: "Search", model: HRNet, candidate: Masks, after_s: float) 
     return (after_s / predicted_after) / (now_s / predicted_now)
 
 
-def _compared(search: "Search", model: HRNet, candidate: Masks, landing: bool = False,
-              fresh: bool = False) -> tuple[tuple[float, float], tuple[float, float], float]:
+def _compared(search: "Search", model: HRNet, candidate: Masks,
+              landing: bool = False) -> tuple[tuple[float, float], tuple[float, float], float]:
     """(network now, candidate) end to end, each (seconds, spread of its rounds), timed in the same rounds, and the
     scale applied to both. At a ``prune.target_ratio`` budget's landing the supernet runs in those rounds too and
     both figures are scaled by (the supernet's figure at the start) / (its figure now): the target is a ratio to
@@ -301,7 +298,7 @@ def _compared(search: "Search", model: HRNet, candidate: Masks, landing: bool = 
     if at == len(archs):
         archs.append(reference)
     figures = search.compare_on_rank0(archs, CANDIDATE_ROUNDS, LANDING_RETAKES if landing else CANDIDATE_RETAKES,
-                                      None if landing else _settled, fresh)
+                                      None if landing else _settled)
     spread = search.cfg.latency.network_spread  # a figure whose rounds disagree more is not a reference
     if at is not None and figures[at][1] <= spread:
         scale = search.budget.supernet_measured_s / figures[at][0]

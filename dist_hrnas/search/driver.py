@@ -157,14 +157,11 @@ class Search:
         return decide_by_measurement(self, model, masks, epoch, last_epoch)
 
     def compare_on_rank0(self, archs: list[dict], rounds: int, retakes: int,
-                         decided: Callable[[Figures, int], bool] | None = None, fresh: bool = False) -> Figures:
+                         decided: Callable[[Figures, int], bool] | None = None) -> Figures:
         """Rank 0 times ``archs`` end to end in the same ``rounds`` (fresh processes unless
         ``latency.clean_process=false``; at most ``retakes`` more sets of rounds while they disagree and
-        ``decided`` does not hold): each one's (seconds, spread of its rounds). A network the last comparison timed
-        is timed again in that comparison's child, unless ``fresh``: then every network gets a new one."""
+        ``decided`` does not hold): each one's (seconds, spread of its rounds)."""
         start = time.perf_counter()
-        if fresh:
-            self.close()
         models = [model_from_arch(a) for a in archs]
         cfg = candidate_settings(self.cfg.latency)
         figures = compare_networks(models, self.image_size, cfg, self.timer or make_timer(cfg), self.network_timer,

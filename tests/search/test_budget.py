@@ -299,10 +299,6 @@ class Device:
         self.settings, self.retakes = settings, retakes
         return [(self.slower_of(m) * self.seconds(m), self.spread_of(m)) for m in models]
 
-    def close(self) -> None:
-        """The children kept from the last comparison end: the next one starts fresh processes."""
-        self.closed += 1
-
     def spread_of(self, model) -> float:
         return self.spread
 
@@ -311,7 +307,6 @@ class Device:
 
     slower = 1.0  # the whole machine this much slower than when the supernet was first measured
     spread = 0.0  # how far each figure's rounds disagree
-    closed = 0    # how many times the kept children were ended (close)
 
 
 def _measured_budget_search(tmp_path, lut, seconds_of_prediction, **overrides):
@@ -630,22 +625,21 @@ def test_a_candidate_read_far_slower_than_the_model_and_the_network_now_say_is_t
 
 
 def test_a_cheap_landing_takes_the_median_of_several_comparisons_of_each_candidate(tmp_path, even_lut, monkeypatch):
-    """One process runs a network a few percent faster or slower than the next (at batch 1 here a ratio read
-    0.59-0.69 from one comparison to the next, each in fresh children). At a landing whose comparisons are cheap a
-    candidate that reads at or under the aim is compared LANDING_COMPARISONS times, each repeat in fresh children
-    (a search keeps the last comparison's, whose processes would read alike): the first process reads the
-    candidate 10 % fast (under the band: taken so, or steered from, the landing would end under it), the third
-    12 % slow; the landing takes the middle figure, its real one, in the band. Where a comparison costs more than
-    LANDING_MEDIAN_S of timed runs, one is taken."""
+    """Each comparison starts fresh children, and one process runs a network a few percent faster or slower than
+    the next (at batch 1 here a ratio read 0.59-0.69 from one comparison to the next). At a landing whose
+    comparisons are cheap a candidate that reads at or under the aim is compared LANDING_COMPARISONS times: the
+    first reads the candidate 10 % fast (under the band: taken so, or steered from, the landing would end under
+    it), the third 12 % slow; the landing takes the middle figure, its real one, in the band. Where a comparison
+    costs more than LANDING_MEDIAN_S of timed runs, one is taken."""
     from dist_hrnas.search import decide
     from dist_hrnas.search.decide import LANDING_COMPARISONS, LANDING_MEDIAN_S, decide_by_measurement, timed_runs_s
     from dist_hrnas.search.masks import shrunk_view
 
     search, model, device = _measured_budget_search(tmp_path, even_lut, lambda p, p0: 1.2 * p)
     now = json.dumps(export_arch(model), sort_keys=True)    # the network now: the supernet, the ratio's reference
-    personality = {0: 0.9, 1: 1.0, 2: 1.12}    # the candidate's process: the same until the kept children end
+    personality = {1: 0.9, 2: 1.0, 3: 1.12}                 # the candidate's process, comparison by comparison
     device.slower_of = lambda m: 1.0 if json.dumps(export_arch(m), sort_keys=True) == now else personality.get(
-        device.closed, 1.0)
+        len(device.compared), 1.0)
     budget = search.budget
     decision = decide_by_measurement(search, model, {}, epoch=7, last_epoch=True)
     assert LANDING_COMPARISONS == 3 and device.compared == [2, 2, 2] and len(decision.probes) == 1
@@ -657,10 +651,8 @@ def test_a_cheap_landing_takes_the_median_of_several_comparisons_of_each_candida
     assert timed_runs_s(search, figures) == pytest.approx(
         2 * decide.CANDIDATE_ROUNDS * search.cfg.latency.candidate_repeats * (device.seconds(model) + truth))
     assert timed_runs_s(search, figures) <= LANDING_MEDIAN_S   # these networks are cheap to time
-    assert device.closed == LANDING_COMPARISONS - 1         # the repeats started fresh children
     monkeypatch.setattr(decide, "LANDING_MEDIAN_S", 0.0)    # costly ones: one comparison, its figure as it read
     device.compared.clear()
-    device.closed = 0                                       # ... in processes that read the candidate 10 % fast
     single = decide_by_measurement(search, model, {}, epoch=7, last_epoch=True)
     assert device.compared[0] == 2 and single.probes[0][1] == pytest.approx(0.9 * truth)
     assert len(single.probes) > 1                           # steered on from a figure under the band
