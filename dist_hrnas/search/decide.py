@@ -71,15 +71,19 @@ DEPARTURE = 0.15
 PREDICTION_SLACK = 0.10
 # At a landing whose comparison is cheap (its timed runs, rounds x latency.candidate_repeats x the networks' figures,
 # under LANDING_MEDIAN_S) a candidate that reads at or under the aim (one the landing may take) is compared
-# LANDING_COMPARISONS times and the comparison whose candidate reads the median is kept. Each comparison starts
-# fresh children, and one process runs a network faster or slower than the next: side by side at batch 1 (10
-# comparisons of the same two networks per protocol), a landed 0.7 network's ratio to the supernet read 0.59-0.69
-# from one comparison to the next, median 0.643 with every protocol tried (more runs per round did not narrow it),
-# and both batch-1 0.7 budgets of runs O and P landed on a single comparison 10-11 % under their ratio. At batch 1
-# a comparison's runs take ~0.2 s (its wall ~1 s, mostly the children's starts), so two more cost a few seconds of
-# the search; at batch 32 ~1.2 s of runs (~4 s of wall) each, so there the single comparison (with the DEPARTURE
-# retake) stands. Comparing every probe so (benchmark run R) took a batch-1 0.7 search's candidate timing from
-# 4-6 s to 22 s (19 % of its wall); probes read over the aim only steer the next one.
+# LANDING_COMPARISONS times and the comparison whose candidate reads the median is kept. The repeats time the same
+# processes again (a search keeps a comparison's children, see Search.compare_on_rank0), so they take out the
+# rounds' minute-to-minute noise, not a process's own speed. At batch 1 both are large: side by side (10
+# comparisons of the same two networks per protocol, fresh children each), a landed 0.7 network's ratio to the
+# supernet read 0.59-0.69 from one comparison to the next, median 0.643 with every protocol tried, and both
+# batch-1 0.7 budgets of runs O and P landed on a single comparison 10-11 % under their ratio (R-T, with the
+# repeats: -6.3 / -3.6 / -1.5 %). Repeats in fresh children were tried (session 20, 4 batch-1 0.7 budgets each,
+# side by side): landings +22.7 / +2.4 / -4.8 / +13.6 % against the ratio, against +7.0 / +5.3 / -3.4 / -5.6 %
+# with the kept ones, at twice the candidate timing (8-32 s against 3-13 s): not taken. At batch 1 a comparison's
+# runs take ~0.2 s (its wall ~1 s), so two more cost a few seconds of the search; at batch 32 ~1.2 s of runs (~4 s
+# of wall) each, so there the single comparison (with the DEPARTURE retake) stands. Comparing every probe so
+# (benchmark run R) took a batch-1 0.7 search's candidate timing from 4-6 s to 22 s (19 % of its wall); probes
+# read over the aim only steer the next one.
 LANDING_COMPARISONS = 3
 LANDING_MEDIAN_S = 0.5
 

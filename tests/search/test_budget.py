@@ -625,12 +625,11 @@ def test_a_candidate_read_far_slower_than_the_model_and_the_network_now_say_is_t
 
 
 def test_a_cheap_landing_takes_the_median_of_several_comparisons_of_each_candidate(tmp_path, even_lut, monkeypatch):
-    """Each comparison starts fresh children, and one process runs a network a few percent faster or slower than
-    the next (at batch 1 here a ratio read 0.59-0.69 from one comparison to the next). At a landing whose
-    comparisons are cheap a candidate that reads at or under the aim is compared LANDING_COMPARISONS times: the
-    first reads the candidate 10 % fast (under the band: taken so, or steered from, the landing would end under
-    it), the third 12 % slow; the landing takes the middle figure, its real one, in the band. Where a comparison
-    costs more than LANDING_MEDIAN_S of timed runs, one is taken."""
+    """At batch 1 one comparison's figures move by several percent from the next (a ratio read 0.59-0.69 here).
+    At a landing whose comparisons are cheap a candidate that reads at or under the aim is compared
+    LANDING_COMPARISONS times: the first reads the candidate 10 % fast (under the band: taken so, or steered from,
+    the landing would end under it), the third 12 % slow; the landing takes the middle figure, its real one, in the
+    band. Where a comparison costs more than LANDING_MEDIAN_S of timed runs, one is taken."""
     from dist_hrnas.search import decide
     from dist_hrnas.search.decide import LANDING_COMPARISONS, LANDING_MEDIAN_S, decide_by_measurement, timed_runs_s
     from dist_hrnas.search.masks import shrunk_view
