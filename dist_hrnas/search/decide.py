@@ -79,7 +79,7 @@ PREDICTION_SLACK = 0.10
 # batch-1 0.7 budgets of runs O and P landed on a single comparison 10-11 % under their ratio (R-T, with the
 # repeats: -6.3 / -3.6 / -1.5 %). Repeats in fresh children were tried (session 20, 4 batch-1 0.7 budgets each,
 # side by side): landings +22.7 / +2.4 / -4.8 / +13.6 % against the ratio, against +7.0 / +5.3 / -3.4 / -5.6 %
-# with the kept ones, at twice the candidate timing (8-32 s against 3-13 s): not taken. At batch 1 a comparison's
+# with the kept ones, at twice the candidate timing (18 s against 8 s on average): not taken. At batch 1 a comparison's
 # runs take ~0.2 s (its wall ~1 s), so two more cost a few seconds of the search; at batch 32 ~1.2 s of runs (~4 s
 # of wall) each, so there the single comparison (with the DEPARTURE retake) stands. Comparing every probe so
 # (benchmark run R) took a batch-1 0.7 search's candidate timing from 4-6 s to 22 s (19 % of its wall); probes
