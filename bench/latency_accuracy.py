@@ -15,7 +15,9 @@ was fitted to (the model's error apart from how the machine's speed moved since 
 ``--trajectory``: run real digits searches (a rho run and a 0.5 budget run at batch 32, a rho run at batch 1) and
 re-time every shrink's network afterwards (bench/retime.py: fresh processes, interleaved rounds; ``--retime-passes``
 times, the mean is the figure); report the error of each shrink's prediction against that figure (``trajectory``)
-and how far the passes disagree (``retiming_repeatability_*_pct``: a perfect prediction is off by that much).
+and how far the passes disagree (``retiming_repeatability_*_pct``: a perfect prediction is off by that much), and
+each search's start figure of the supernet over its re-timing (``supernet_start_over_retimed_range``: how far the
+machine's speed moved between the two, which every absolute error carries).
 
 Usage: ``python bench/latency_accuracy.py [--configs digits imagenet] [--levels 4] [--ops 40] [--trajectory]
 [--retime-passes 2] [--out FILE]``
@@ -174,7 +176,7 @@ def trajectory(work: Path, passes: int = 2) -> dict:
     ``passes`` re-timings; how far they disagree is reported as the truth's own noise)."""
     import subprocess
 
-    out, errors, unseen, budgets, repeat, relative = {}, [], [], {}, [], []
+    out, errors, unseen, budgets, repeat, relative, levels = {}, [], [], {}, [], [], []
     # training may use every core (its speed is not what is measured); timing stays at latency.threads
     env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
     for name, extra in {**TRAJECTORY_RUNS, **BUDGET_RUNS}.items():
@@ -186,6 +188,7 @@ def trajectory(work: Path, passes: int = 2) -> dict:
             subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True, env=env)
         retimed = retimed_run(run_dir, passes)
         repeat += retimed.get("repeatability_pct", [])
+        levels += [retimed["supernet_start_over_retimed"]] if "supernet_start_over_retimed" in retimed else []
         summary = json.loads((run_dir / "summary.json").read_text())
         retimed["summary"] = {k: summary.get(k) for k in ("val_top1", "shrinks", "latency_ms_supernet",
                                                           "latency_ms_searched", "target_latency_ms", "wall_time_s",
@@ -217,6 +220,8 @@ def trajectory(work: Path, passes: int = 2) -> dict:
     if repeat:  # every network of every search: the re-timings' disagreement, the floor any prediction is judged at
         out["retiming_repeatability_median_pct"] = round(statistics.median(repeat), 2)
         out["retiming_repeatability_max_pct"] = round(max(repeat), 2)
+    if levels:  # each search's start figure of the supernet over its re-timing: the machine's move in between
+        out["supernet_start_over_retimed_range"] = [min(levels), max(levels)]
     out["budgets"] = budgets
     out["shrinks_raising_measured_latency"] = sum(r["raises_latency"] for k, v in out.items() if isinstance(v, dict)
                                                   and "shrinks" in v for r in v["shrinks"])

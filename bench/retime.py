@@ -70,6 +70,9 @@ def retimed_run(run_dir: Path, passes: int = 1) -> dict:
                      "raises_latency": after > 1.02 * before,
                      **({"retimed_ms_after_passes": [round(p[i + 1], 3) for p in each]} if passes > 1 else {})})
     return {"run_dir": str(run_dir), "supernet_retimed_ms": round(ms[0], 3), "shrinks": rows,
+            # the run's start figure of the supernet over its re-timing: how far the machine's speed moved between
+            # them, which every absolute error above carries (error_vs_supernet_pct takes it out)
+            **({"supernet_start_over_retimed": round(run_supernet / ms[0], 4)} if run_supernet else {}),
             **({"supernet_retimed_ms_passes": [round(p[0], 3) for p in each],
                 "repeatability_pct": [round(100 * abs(max(f) / min(f) - 1), 2) for f in zip(*each)]}
                if passes > 1 else {})}
