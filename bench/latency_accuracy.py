@@ -188,7 +188,8 @@ def trajectory(work: Path, passes: int = 2) -> dict:
             subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True, env=env)
         retimed = retimed_run(run_dir, passes)
         repeat += retimed.get("repeatability_pct", [])
-        levels += [retimed["supernet_start_over_retimed"]] if "supernet_start_over_retimed" in retimed else []
+        if "supernet_start_over_retimed" in retimed:
+            levels.append(retimed["supernet_start_over_retimed"])
         summary = json.loads((run_dir / "summary.json").read_text())
         retimed["summary"] = {k: summary.get(k) for k in ("val_top1", "shrinks", "latency_ms_supernet",
                                                           "latency_ms_searched", "target_latency_ms", "wall_time_s",

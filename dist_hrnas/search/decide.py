@@ -72,7 +72,7 @@ PREDICTION_SLACK = 0.10
 # At a landing whose comparison is cheap (its timed runs, rounds x latency.candidate_repeats x the networks' figures,
 # under LANDING_MEDIAN_S) a candidate that reads at or under the aim (one the landing may take) is compared
 # LANDING_COMPARISONS times and the comparison whose candidate reads the median is kept. The repeats time the same
-# processes again (a search keeps a comparison's children, see Search.compare_on_rank0), so they take out the
+# processes again (a search keeps a comparison's children: CleanProcessTimer.compare), so they take out the
 # rounds' minute-to-minute noise, not a process's own speed. At batch 1 both are large: side by side (10
 # comparisons of the same two networks per protocol, fresh children each), a landed 0.7 network's ratio to the
 # supernet read 0.59-0.69 from one comparison to the next, median 0.643 with every protocol tried, and both
