@@ -442,8 +442,8 @@ def test_a_ratio_budget_judges_candidates_against_the_supernet_timed_in_the_same
     """The machine is 25 % slower than when the supernet was first measured: the candidate's raw figure is over
     the target, but the target is a ratio to the supernet, which is timed beside it and reads 25 % slower too.
     When the supernet's rounds disagree (after more retakes than other comparisons get), the network now's own
-    earlier figure scales them, if its rounds agree."""
-    from dist_hrnas.search.decide import LANDING_COMPARISONS, LANDING_RETAKES, decide_by_measurement
+    earlier figure scales them, if its rounds agree or it moved beyond LEVEL_JUMP."""
+    from dist_hrnas.search.decide import LANDING_COMPARISONS, LANDING_RETAKES, LEVEL_JUMP, decide_by_measurement
 
     search, model, device = _measured_budget_search(tmp_path, even_lut, lambda p, p0: 1.2 * p, slower=1.25)
     _shrink_first_block(search, model)                              # the network now is not the supernet
@@ -462,18 +462,27 @@ def test_a_ratio_budget_judges_candidates_against_the_supernet_timed_in_the_same
     search.latency_ms_measured = device.seconds(model) * 1e3
     decision = decide_by_measurement(search, model, {}, epoch=7, last_epoch=True)
     assert decision.scale == pytest.approx(1 / 1.25) and decision.before_s == pytest.approx(device.seconds(model))
-    device.spread_of = lambda m: disagree  # every figure's rounds disagree: nothing is a reference, no scale
+    # every figure's rounds disagree: a move within LEVEL_JUMP is no reference, no scale; one beyond it is the
+    # machine's speed, not the rounds' noise: the comparison is taken once more and scaled back all the same
+    device.spread_of = lambda m: disagree
+    device.slower = 1.0 + LEVEL_JUMP / 2
     assert decide_by_measurement(search, model, {}, epoch=7, last_epoch=True).scale == 1.0
+    device.slower, device.compared = 1.25, []
+    assert decide_by_measurement(search, model, {}, epoch=7, last_epoch=True).scale == pytest.approx(1 / 1.25)
+    assert device.compared[:2] == [3, 3]
 
 
-@pytest.mark.parametrize("slower", [1.25, 0.8])
+@pytest.mark.parametrize("slower", [1.1, 1.25, 0.9, 0.8])
 def test_a_comparison_in_a_slow_spell_is_scaled_back_by_the_network_nows_own_earlier_figure(tmp_path, even_lut,
                                                                                            monkeypatch, slower):
     """Before the landing no supernet is timed beside the candidate: the network now (here the supernet) reads
-    25 % slower than its figure from the start, so the machine is, and both figures (the candidate's, which the
-    calibration takes) come back to the start's units. A machine 20 % faster than at the start leaves them alone:
-    a network now faster than before says its earlier figure was the slow one."""
-    from dist_hrnas.search.decide import MEASURABLE_GAIN, decide_by_measurement, slow_spell_scale
+    10 % or 25 % slower than its figure from the start, so the machine is, and both figures (the candidate's,
+    which the calibration takes) come back to the start's units. A machine 10 % faster than at the start leaves
+    them alone (a network now a little faster than before more often says its earlier figure was the slow one);
+    one 20 % faster, beyond LEVEL_JUMP, scales them up, no further than PREDICTION_SLACK over the model's
+    prediction (the device here runs 1.2x it). A jump either way is first taken once more."""
+    from dist_hrnas.search.decide import (LEVEL_JUMP, MEASURABLE_GAIN, PREDICTION_SLACK, decide_by_measurement,
+                                          level_jumped, slow_spell_scale)
     from dist_hrnas.search.masks import shrunk_view
 
     search, model, device = _measured_budget_search(tmp_path, even_lut, lambda p, p0: 1.2 * p, slower=slower)
@@ -481,8 +490,9 @@ def test_a_comparison_in_a_slow_spell_is_scaled_back_by_the_network_nows_own_ear
     aim_s = (1.0 - 3 * MEASURABLE_GAIN) * supernet_s
     monkeypatch.setattr(search.budget, "aim_s", lambda epoch, last_epoch: aim_s)
     decision = decide_by_measurement(search, model, {}, epoch=2, last_epoch=False)
-    assert device.compared == [2] and decision.due                  # the network now and the candidate only
-    scale = min(1.0, 1.0 / slower)
+    jump = max(slower, 1 / slower) > 1 + LEVEL_JUMP
+    assert device.compared == ([2, 2] if jump else [2]) and decision.due  # the network now and the candidate
+    scale = {1.1: 1 / 1.1, 1.25: 1 / 1.25, 0.9: 1.0, 0.8: (1 + PREDICTION_SLACK) / (0.8 * 1.2)}[slower]
     assert decision.scale == pytest.approx(scale)
     assert decision.before_s == pytest.approx(slower * scale * supernet_s)
     raw_s = slower * device.seconds(shrunk_view(model, decision.masks))  # what the machine read this minute
@@ -491,6 +501,29 @@ def test_a_comparison_in_a_slow_spell_is_scaled_back_by_the_network_nows_own_ear
     assert decision.measured_s / decision.before_s < 1.0 - MEASURABLE_GAIN  # the ratio the decision read: unscaled
     assert slow_spell_scale(0.05, 0.1) == 0.5 and slow_spell_scale(0.1, 0.05) == 1.0
     assert slow_spell_scale(0.0, 0.1) == 1.0 and slow_spell_scale(0.1, 0.0) == 1.0
+    assert level_jumped(0.1, 0.1 * (1.01 + LEVEL_JUMP)) and level_jumped(0.1, 0.1 / (1.01 + LEVEL_JUMP))
+    assert not level_jumped(0.1, 0.1 * (0.99 + LEVEL_JUMP)) and not level_jumped(0.0, 0.1)
+
+
+def test_a_comparison_whose_network_now_jumped_is_taken_again_and_the_nearer_one_kept(tmp_path, even_lut,
+                                                                                    monkeypatch):
+    """The first comparison reads every network 0.7x (the machine ran fast for a minute, its rounds disagreeing:
+    run U's 0.7 landing at batch 32 took a candidate so read, 25 % over its ratio re-timed); the network now
+    departs from its earlier figure beyond LEVEL_JUMP, so the comparison is taken once more, reads them as they
+    run, and that one is kept, unscaled: the candidate's real figure is decided on and joins the fit."""
+    from dist_hrnas.search.decide import MEASURABLE_GAIN, decide_by_measurement
+    from dist_hrnas.search.masks import shrunk_view
+
+    search, model, device = _measured_budget_search(tmp_path, even_lut, lambda p, p0: 1.2 * p)
+    device.slower_of = lambda m: 0.7 if len(device.compared) == 1 else 1.0
+    device.spread_of = lambda m: 0.2 if len(device.compared) == 1 else 0.0
+    aim_s = (1.0 - 3 * MEASURABLE_GAIN) * search.budget.supernet_measured_s
+    monkeypatch.setattr(search.budget, "aim_s", lambda epoch, last_epoch: aim_s)
+    decision = decide_by_measurement(search, model, {}, epoch=2, last_epoch=False)
+    truth = device.seconds(shrunk_view(model, decision.masks))
+    assert device.compared == [2, 2] and decision.scale == 1.0 and decision.due
+    assert decision.measured_s == pytest.approx(truth) and decision.probes[0][1] == pytest.approx(truth)
+    assert decision.before_s == pytest.approx(search.budget.supernet_measured_s)
 
 
 def test_a_slow_spell_scale_never_takes_a_candidate_far_under_its_prediction(tmp_path, even_lut, monkeypatch):
@@ -498,7 +531,7 @@ def test_a_slow_spell_scale_never_takes_a_candidate_far_under_its_prediction(tmp
     runs it at (1.2x the model's prediction here): the network now's scale (1/1.5) would put the candidate at
     0.8x its real figure, 20 % under the model's own prediction; it is raised to PREDICTION_SLACK under it, no
     further (the model's own few percent stay the measurement's to correct)."""
-    from dist_hrnas.search.decide import (MEASURABLE_GAIN, PREDICTION_SLACK, decide_by_measurement,
+    from dist_hrnas.search.decide import (MEASURABLE_GAIN, PREDICTION_SLACK, decide_by_measurement, near_predicted,
                                           not_far_under_predicted)
     from dist_hrnas.search.masks import predict_after_masks
 
@@ -509,12 +542,15 @@ def test_a_slow_spell_scale_never_takes_a_candidate_far_under_its_prediction(tmp
     monkeypatch.setattr(search.budget, "aim_s", lambda epoch, last_epoch: aim_s)
     decision = decide_by_measurement(search, model, {}, epoch=2, last_epoch=False)
     floor = 1.0 - PREDICTION_SLACK
-    assert device.compared == [2] and decision.scale == pytest.approx(floor / 1.2)
+    assert device.compared == [2, 2] and decision.scale == pytest.approx(floor / 1.2)  # a jump: taken twice
     assert decision.measured_s == pytest.approx(floor * predict_after_masks(search.profile, model, decision.masks))
     assert not_far_under_predicted(0.5, 2.0, 1.5) == pytest.approx(floor * 0.75)
     assert not_far_under_predicted(0.4, 2.0, 1.0) == pytest.approx(floor * 0.5)
     assert not_far_under_predicted(0.5, 2.0, 0.8) == 0.5  # the scaled figure is not that far under: as it was
     assert not_far_under_predicted(0.5, 1.0, 3.0) == 1.0 and not_far_under_predicted(1.2, 1.0, 3.0) == 1.2
+    ceiling = 1.0 + PREDICTION_SLACK  # a scale up stops PREDICTION_SLACK over the prediction, never under 1
+    assert near_predicted(1.5, 1.0, 1.0) == pytest.approx(ceiling) and near_predicted(1.05, 1.0, 1.0) == 1.05
+    assert near_predicted(1.5, 2.0, 1.0) == 1.0 and near_predicted(0.5, 2.0, 1.5) == pytest.approx(floor * 0.75)
 
 
 def test_a_network_that_already_measures_under_the_target_meets_the_budget_without_a_cut(tmp_path, even_lut):
