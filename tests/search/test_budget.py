@@ -443,7 +443,8 @@ def test_a_ratio_budget_judges_candidates_against_the_supernet_timed_in_the_same
     the target, but the target is a ratio to the supernet, which is timed beside it and reads 25 % slower too.
     When the supernet's rounds disagree (after more retakes than other comparisons get), the network now's own
     earlier figure scales them, if its rounds agree or it moved beyond LEVEL_JUMP."""
-    from dist_hrnas.search.decide import LANDING_COMPARISONS, LANDING_RETAKES, LEVEL_JUMP, decide_by_measurement
+    from dist_hrnas.search.decide import LANDING_COMPARISONS, LANDING_RETAKES, decide_by_measurement
+    from dist_hrnas.search.units import LEVEL_JUMP
 
     search, model, device = _measured_budget_search(tmp_path, even_lut, lambda p, p0: 1.2 * p, slower=1.25)
     _shrink_first_block(search, model)                              # the network now is not the supernet
@@ -481,8 +482,8 @@ def test_a_comparison_in_a_slow_spell_is_scaled_back_by_the_network_nows_own_ear
     them alone (a network now a little faster than before more often says its earlier figure was the slow one);
     one 20 % faster, beyond LEVEL_JUMP, scales them up, no further than PREDICTION_SLACK over the model's
     prediction (the device here runs 1.2x it). A jump either way is first taken once more."""
-    from dist_hrnas.search.decide import (LEVEL_JUMP, MEASURABLE_GAIN, PREDICTION_SLACK, decide_by_measurement,
-                                          level_jumped, slow_spell_scale)
+    from dist_hrnas.search.decide import MEASURABLE_GAIN, decide_by_measurement
+    from dist_hrnas.search.units import LEVEL_JUMP, PREDICTION_SLACK, level_jumped, slow_spell_scale
     from dist_hrnas.search.masks import shrunk_view
 
     search, model, device = _measured_budget_search(tmp_path, even_lut, lambda p, p0: 1.2 * p, slower=slower)
@@ -531,8 +532,8 @@ def test_a_slow_spell_scale_never_takes_a_candidate_far_under_its_prediction(tmp
     runs it at (1.2x the model's prediction here): the network now's scale (1/1.5) would put the candidate at
     0.8x its real figure, 20 % under the model's own prediction; it is raised to PREDICTION_SLACK under it, no
     further (the model's own few percent stay the measurement's to correct)."""
-    from dist_hrnas.search.decide import (MEASURABLE_GAIN, PREDICTION_SLACK, decide_by_measurement, near_predicted,
-                                          not_far_under_predicted)
+    from dist_hrnas.search.decide import MEASURABLE_GAIN, decide_by_measurement
+    from dist_hrnas.search.units import PREDICTION_SLACK, near_predicted, not_far_under_predicted
     from dist_hrnas.search.masks import predict_after_masks
 
     search, model, device = _measured_budget_search(tmp_path, even_lut, lambda p, p0: 1.2 * p)
