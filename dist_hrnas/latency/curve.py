@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from dist_hrnas.config import LatencyConfig
-from dist_hrnas.latency.calibration import Calibration, Parts
+from dist_hrnas.latency.calibration import OFF_GRID, Calibration, Parts
 
 # A noisy curve can dip (a wider op timed faster than a narrower one); the marginal cost never falls below
 # this share of the average cost, so no channel looks free (a zero penalty would never prune it).
@@ -155,6 +155,7 @@ class LatencyProfile:
         if self.fixed_s is None:
             self.fixed_s = max(0.0, self.network_s - sum(self.branch_s.values())
                                - sum(c[-1] for c in self.combine_s.values()))
+        self._grids: dict[str, int] = {}  # grid() per branch key: read from its curve once
 
     def per_channel_s(self, key: str, width: int | None = None) -> float:
         """Cost of one channel of a branch at ``width`` (default: its measured width), per ``cost``."""
@@ -162,8 +163,8 @@ class LatencyProfile:
         if width <= 0:
             return 0.0
         if self.cost in ("marginal", "fixed_plus_marginal"):
-            return marginal_s(self.curves[key], width) * self.scale(key)
-        return self.curve_s(key, width) / width * self.scale(key)
+            return marginal_s(self.curves[key], width) * self.scale(key, width)
+        return self.curve_s(key, width) / width * self.scale(key, width)
 
     def launch_s(self, key: str) -> float:
         """A branch's fixed seconds (:func:`launch_s`, calibrated): what only removing the whole branch saves."""
@@ -179,13 +180,22 @@ class LatencyProfile:
 
     def grid(self, key: str) -> int:
         """The channel group this branch's cost moves in (``prune.round_to: auto``)."""
-        return curve_grid(self.curves[key], self.width_step)
+        if key not in self._grids:
+            self._grids[key] = curve_grid(self.curves[key], self.width_step)
+        return self._grids[key]
 
-    def scale(self, key: str) -> float:
-        """The calibration's factor for a branch's seconds (1 without a fitted calibration)."""
+    def part(self, block: str, key: str, width: int) -> str:
+        """The calibration part a branch's seconds count in: its resolution's, apart when off its grid."""
+        group = (self.groups or {}).get(block, "branches")
+        return group if width % self.grid(key) == 0 else group + OFF_GRID
+
+    def scale(self, key: str, width: int | None = None) -> float:
+        """The calibration's factor for a branch's seconds at ``width`` (default: on its grid; 1 without a fitted
+        calibration)."""
         if self.calibration is None or not self.calibration.fitted or not self.groups:
             return 1.0
-        return self.calibration.coef.get(self.groups.get(key.rsplit(":k", 1)[0], ""), 1.0)
+        block = key.rsplit(":k", 1)[0]
+        return self.calibration.coefficient(self.part(block, key, self.grid(key) if width is None else width))
 
     def curve_s(self, key: str, width: int) -> float:
         """One branch's seconds at ``width``. Not a per-branch share of :meth:`predict_s`: the block joins are
@@ -211,15 +221,16 @@ class LatencyProfile:
 
     def parts(self, model) -> Parts:
         """The per-op sum for ``model`` (possibly shrunk), split into the parts the calibration scales: the fixed
-        part, the block joins of the surviving branches, and each resolution's kernel branches."""
+        part, the block joins of the surviving branches, and each resolution's kernel branches (:meth:`part`)."""
         out = {"fixed": self.fixed_s, "join": 0.0}
         for name, block in model.named_blocks():
             joins = self.combine_s.get(name)
             if joins and block.branches:
                 out["join"] += joins[min(len(block.branches), len(joins)) - 1]
-            group = (self.groups or {}).get(name, "branches")
             for branch in block.branches:
-                out[group] = out.get(group, 0.0) + self.curve_s(branch_key(name, branch.kernel), branch.hidden)
+                key = branch_key(name, branch.kernel)
+                part = self.part(name, key, branch.hidden)
+                out[part] = out.get(part, 0.0) + self.curve_s(key, branch.hidden)
         return out
 
     def fixed_part_s(self) -> float:

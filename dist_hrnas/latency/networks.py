@@ -16,7 +16,7 @@ from torch import nn
 from dist_hrnas.parallel import comm
 from dist_hrnas.config import LatencyConfig
 from dist_hrnas.latency.calibration import Calibration, sample_arch_widths
-from dist_hrnas.latency.curve import LatencyProfile
+from dist_hrnas.latency.curve import LatencyProfile, branch_key
 from dist_hrnas.latency.lut import LatencyTable
 from dist_hrnas.latency.rounds import NETWORK_ROUNDS, RETAKES, Figures, interleaved, settled
 from dist_hrnas.latency.timing import Timed, Timer, cpu_threads, make_timer, runner
@@ -121,6 +121,16 @@ def referenced_figures(models: list[HRNet], supernet: HRNet, image_size: int, cf
     return ratios, supernet_s
 
 
+def calibration_networks(model: HRNet, profile: LatencyProfile, cfg: LatencyConfig) -> list[HRNet]:
+    """The ``latency.calibration_networks`` sampled sub-networks of ``model`` (:func:`sample_arch_widths`), every
+    other one on each branch's channel grid as its curve gives it (``profile.grid``: the widths
+    ``prune.round_to: auto`` keeps a search on; before, on ``latency.width_step``, which no default search visits)."""
+    arch = export_arch(model)
+    grids = {b["name"]: [profile.grid(branch_key(b["name"], k)) for k in b["kernel_sizes"]] for b in arch["blocks"]}
+    samples = sample_arch_widths({b["name"]: b["widths"] for b in arch["blocks"]}, cfg.calibration_networks, grids)
+    return [model_from_arch(arch_with_widths(arch, widths)) for widths in samples]
+
+
 def calibrate(profile: LatencyProfile, model: HRNet, image_size: int, cfg: LatencyConfig, timer: Timer,
               table: LatencyTable, network_timer: NetworkTimer | None) -> Calibration:
     """The supernet and ``latency.calibration_networks`` sampled sub-networks, measured end to end against the
@@ -131,10 +141,7 @@ def calibrate(profile: LatencyProfile, model: HRNet, image_size: int, cfg: Laten
     becomes the median of its own figures (the one taken before and one per group). The LUT keeps every figure
     at its level, so that all its samples stay comparable. With ``latency.lut_device`` only the samples the
     device's LUT holds are used, as they are."""
-    arch = export_arch(model)
-    samples = sample_arch_widths({b["name"]: b["widths"] for b in arch["blocks"]}, cfg.calibration_networks,
-                                 cfg.width_step)
-    nets = [model_from_arch(arch_with_widths(arch, widths)) for widths in samples]
+    nets = calibration_networks(model, profile, cfg)
     cached = [table.get(network_key(net, image_size)) for net in nets]
     fresh = [] if cfg.lut_device else [i for i, hit in enumerate(cached) if hit is None]
     held = [] if cfg.lut_device else [i for i, hit in enumerate(cached) if hit is not None]

@@ -79,6 +79,55 @@ def test_sampled_networks_span_full_to_near_empty_on_and_off_the_grid():
     assert all(on_grid[0::2]) and not all(on_grid[1::2])                             # every other one on the grid
 
 
+def test_samples_sit_on_each_branchs_own_grid_and_none_repeats_the_supernet_or_another():
+    """A branch's grid is its own (the curve's: 16 or 32 channels here); on a coarse grid samples near the
+    supernet round back up to it, so a duplicate is drawn again."""
+    widths = {f"b{i}": [32, 64] for i in range(3)}
+    grids = {f"b{i}": [32, 16] for i in range(3)}
+    samples = sample_arch_widths(widths, 12, grids)
+    assert all(s[b][0] % 32 == 0 and s[b][1] % 16 == 0 for s in samples[0::2] for b in s)
+    keys = [tuple(tuple(s[b]) for b in sorted(s)) for s in samples] + [tuple(tuple(widths[b]) for b in sorted(widths))]
+    assert len(set(keys)) == len(keys)                          # 12 networks, none the supernet, none twice
+    assert sample_arch_widths(widths, 12, grids) == samples     # deterministic: a LUT finds its samples again
+
+
+def test_branches_off_their_grid_count_in_their_own_part_and_the_fit_learns_both():
+    """A device on which branches off their channel grid run 1.5x what their ops alone say, on-grid ones 1.1x:
+    one coefficient per resolution would split the difference; the off-grid part gets its own."""
+    truth = {"fixed": 1.0, "join": 1.0, "res:8x8": 1.1, "res:8x8:off": 1.5}
+    rng = random.Random(3)
+    points = []
+    for _ in range(25):
+        parts = {"fixed": 2e-3, "join": 3e-4, "res:8x8": rng.uniform(0, 8e-3), "res:8x8:off": rng.uniform(0, 4e-3)}
+        points.append((parts, sum(truth[k] * v for k, v in parts.items())))
+    cal = _fitted(points)
+    assert cal.coef["res:8x8"] == pytest.approx(1.1, abs=0.05)
+    assert cal.coef["res:8x8:off"] == pytest.approx(1.5, abs=0.05)
+    assert cal.coefficient("res:4x4:off") == 1.0 and cal.coefficient("res:8x8:nothing") == 1.0
+    assert Calibration(coef={"res:4x4": 0.7}).coefficient("res:4x4:off") == 0.7  # unseen off part: its resolution's
+
+
+def test_a_profile_puts_a_branch_off_its_grid_in_its_resolutions_off_grid_part(tmp_path):
+    from dist_hrnas.latency.calibration import OFF_GRID
+    from dist_hrnas.latency.curve import branch_key
+    from dist_hrnas.search.surgery import shrink_model
+
+    search, model = _search(tmp_path)
+    profile = search.profile
+    name, block = model.named_blocks()[0]
+    key = branch_key(name, block.branches[0].kernel)
+    grid, width = profile.grid(key), block.branches[0].hidden
+    assert grid > 1 and width % grid == 0
+    before = profile.parts(model)
+    assert not any(k.endswith(OFF_GRID) for k in before)        # the supernet sits on every grid
+    shrink_model(model, {name: [torch.arange(w) < (w - 1 if j == 0 else w) for j, w in enumerate(block.widths)]})
+    after = profile.parts(model)
+    group = profile.groups[name]
+    assert after[group + OFF_GRID] == pytest.approx(profile.curve_s(key, width - 1))
+    assert after[group] == pytest.approx(before[group] - profile.curve_s(key, width))
+    assert profile.scale(key, width - 1) == profile.calibration.coefficient(group + OFF_GRID)
+
+
 def test_rounds_that_disagree_are_taken_again():
     cfg = load_config(CONFIGS / "digits.yaml", ["latency.network_spread=0.05"]).latency
     figures = iter([1.0, 1.5, 1.02, 1.01, 1.0, 1.03])
@@ -266,7 +315,7 @@ def test_calibration_networks_are_timed_against_the_supernet_so_a_slow_spell_doe
     # figure before the groups and two of three groups), so all sit at one machine speed
     points = prof.calibration.points
     assert len(points) == 13 and prof.network_s == pytest.approx(seconds(model)) == points[0][1]
-    level = [measured / seconds(net) for (_, measured, _), net in zip(points[1:], _sampled(model, cfg))]
+    level = [measured / seconds(net) for (_, measured, _), net in zip(points[1:], _sampled(model, prof, cfg))]
     assert level == pytest.approx([1.0] * 12)
     # the LUT keeps the referenced figures
     ops = next(iter(read_lut_file(tmp_path / "lut.json")["tables"].values()))["ops"]
@@ -291,7 +340,8 @@ def test_a_later_run_times_a_few_lut_samples_beside_the_supernet_so_one_slow_fig
     assert later.compared == 1 + LEVEL_CHECKS // LEVEL_GROUP  # the supernet, then two groups of LUT samples
     # the supernet's median figure outvotes the slow one, and every LUT sample enters the fit at the run's speed
     assert prof.network_s == pytest.approx(1.2 * seconds(model))
-    level = [measured / seconds(net) for (_, measured, _), net in zip(prof.calibration.points[1:], _sampled(model, cfg))]
+    level = [measured / seconds(net)
+             for (_, measured, _), net in zip(prof.calibration.points[1:], _sampled(model, prof, cfg))]
     assert level == pytest.approx([1.2] * 12)
     # the LUT's figures stay at the speed its samples were timed at (the supernet's too), so they stay comparable
     figures = [{k: v["median_s"] for k, v in next(iter(lut_file["tables"].values()))["ops"].items()}
@@ -300,11 +350,7 @@ def test_a_later_run_times_a_few_lut_samples_beside_the_supernet_so_one_slow_fig
         seconds(model))
 
 
-def _sampled(model, cfg) -> list:
-    from dist_hrnas.latency.networks import arch_with_widths
-    from dist_hrnas.models import export_arch, model_from_arch
+def _sampled(model, prof, cfg) -> list:
+    from dist_hrnas.latency.networks import calibration_networks
 
-    arch = export_arch(model)
-    widths = sample_arch_widths({b["name"]: b["widths"] for b in arch["blocks"]}, cfg.calibration_networks,
-                                cfg.width_step)
-    return [model_from_arch(arch_with_widths(arch, w)) for w in widths]
+    return calibration_networks(model, prof, cfg)
