@@ -10,6 +10,8 @@ sub-networks); the random shrinks here are held out of that fit. ``error_pct`` j
 own figure; ``referenced_error_pct`` by its ratio to the supernet beside it times the supernet figure the model
 was fitted to (the model's error apart from how the machine's speed moved since the fit);
 ``calibration_held_out_*``: each calibration network predicted by a fit without it (leave one out).
+The shrinks come on ``latency.width_step`` (the headline), at any width (``any_width_*``) and on each branch's own
+channel grid (``branch_grid_*``: the widths ``prune.round_to: auto`` keeps a default search on).
 ``ops_within_10pct``: re-time ``--ops`` LUT entries and count those within +-10% of their LUT value.
 
 ``--trajectory``: run real digits searches (a rho run and a 0.5 budget run at batch 32, a rho run at batch 1) and
@@ -44,6 +46,7 @@ import torch  # noqa: E402
 from bench.retime import retimed_run  # noqa: E402
 from dist_hrnas.config import load_config  # noqa: E402
 from dist_hrnas.latency import CleanProcessTimer, Timed, cpu_threads, make_timer, profile_on_rank0  # noqa: E402
+from dist_hrnas.latency.curve import branch_key  # noqa: E402
 from dist_hrnas.latency.measure import op_at_width, plan_branches  # noqa: E402
 from dist_hrnas.latency.networks import CALIBRATION_GROUP, referenced_figures  # noqa: E402
 from dist_hrnas.latency.timing import runner  # noqa: E402
@@ -55,13 +58,15 @@ CONFIGS = {"digits": (ROOT / "configs" / "digits.yaml", []),
            "imagenet": (ROOT / "configs" / "hrnas_imagenet.yaml", ["latency.batch_size=1"])}
 
 
-def random_shrink(model, rng: random.Random, level: float, align: int):
+def random_shrink(model, rng: random.Random, level: float, align: int, profile=None):
     """Every branch keeps about ``level`` of its channels (uniform in [level/2, 1.5 level]), rounded to a
-    multiple of ``align`` (what ``prune.round_to`` guarantees; 1 = any width); some lose all."""
+    multiple of ``align`` (what ``prune.round_to`` guarantees; 1 = any width; 0 = each branch's own grid from
+    ``profile``, what ``prune.round_to: auto`` keeps a default search on); some lose all."""
     masks = {}
     for name, block in model.named_blocks():
         block_masks = []
         for branch in block.branches:
+            align = profile.grid(branch_key(name, branch.kernel)) if profile is not None else align
             share = min(1.0, rng.uniform(level / 2, 1.5 * level))
             n = round(share * branch.hidden / align) * align
             keep = torch.zeros(branch.hidden, dtype=torch.bool)
@@ -114,6 +119,10 @@ def bench_config(name: str, levels: int, n_ops: int, seed: int) -> dict:
     # timed in groups with the supernet in the same rounds, as the calibration networks were
     nets = [model_from_arch(export_arch(random_shrink(build_model(cfg.model), rng, share, align)))
             for share, align in cases]
+    # and on each branch's own grid (align 0; drawn after the others, so those stay as they were)
+    cases += [(s, 0) for s in shares]
+    nets += [model_from_arch(export_arch(random_shrink(build_model(cfg.model), rng, share, 0, profile)))
+             for share in shares]
     ratios, supernet_s = referenced_figures(nets, model, cfg.data.image_size, cfg.latency, timer, network_s)
     group = [supernet_s[i // CALIBRATION_GROUP] for i in range(len(nets))]
     rows = [_row(1.0, 1, model, profile, statistics.median(supernet_s), profile.network_s)]
@@ -129,6 +138,7 @@ def bench_config(name: str, levels: int, n_ops: int, seed: int) -> dict:
     # model was fitted to: the model's error apart from how the machine's speed moved since the fit
     referenced = [abs(r["referenced_error_pct"]) for r in rows if r["align"] > 1]
     free_referenced = [abs(r["referenced_error_pct"]) for r in rows if r["align"] == 1 and r["keep"] < 1.0]
+    own_grid = [r for r in rows if r["align"] == 0]
     loo = [abs(e) for e in profile.calibration.held_out_errors_pct()]
     within, ratio = op_repeatability(model, cfg, timer, curves, n_ops, rng)
     return {"median_abs_error_pct": round(statistics.median(errors), 2), "max_abs_error_pct": round(max(errors), 2),
@@ -143,6 +153,11 @@ def bench_config(name: str, levels: int, n_ops: int, seed: int) -> dict:
             "ops_only_median_abs_error_pct": round(statistics.median(ops_only), 2),
             "calibration_coef": {k: round(v, 4) for k, v in profile.calibration.coef.items()},
             "calibration_fit_errors_pct": [round(e, 2) for e in profile.calibration.errors_pct()],
+            # on each branch's own grid: the networks a default search (prune.round_to: auto) visits
+            "branch_grid_median_abs_error_pct": round(statistics.median(abs(r["error_pct"]) for r in own_grid), 2),
+            "branch_grid_max_abs_error_pct": round(max(abs(r["error_pct"]) for r in own_grid), 2),
+            "branch_grid_referenced_median_abs_error_pct": round(statistics.median(
+                abs(r["referenced_error_pct"]) for r in own_grid), 2),
             "any_width_median_abs_error_pct": round(statistics.median(free), 2),
             "any_width_max_abs_error_pct": round(max(free), 2),
             "lut_build_s": round(build_s, 1), "batch_size": cfg.latency.batch_size, "image_size": cfg.data.image_size,
