@@ -132,8 +132,9 @@ def _relative_residuals(points: list[list], cols: list[str], coef: np.ndarray) -
     return (a @ coef - y) / y
 
 
-# Draws per sample before a duplicate is kept: on a branch's coarse grid (32 channels of 64, say) samples near the
-# supernet often round back to it, and a network timed twice (or the supernet again) tells the fit nothing new.
+# Draws per sample on its grid before it is drawn off the grid instead (as many again), and then kept even if a
+# duplicate: on a branch's coarse grid (32 channels of 64, say) samples near the supernet often round back to it (on
+# a small supernet always), and a network timed twice (or the supernet again) tells the fit nothing new.
 SAMPLE_DRAWS = 10
 
 
@@ -142,13 +143,14 @@ def sample_arch_widths(widths: dict[str, list[int]], count: int, grid: int | dic
     """``count`` sub-network widths (per block name, one width per branch; 0 = branch removed) spanning a search:
     from nearly the supernet down to nearly empty, with whole branches removed more often as they get smaller,
     every other sample on the grid (multiples of ``grid`` channels, or per block of each branch's own ``grid``),
-    the others anywhere; none the supernet or another sample again while SAMPLE_DRAWS draws can avoid it."""
+    the others anywhere; none the supernet or another sample again while a few more draws can avoid it."""
     grids = grid if isinstance(grid, dict) else {name: [grid] * len(ws) for name, ws in widths.items()}
     seen, out = {_key(widths)}, []
     for i in range(count):
         level = 1.0 - 0.9 * i / max(1, count - 1)
-        for draw in range(SAMPLE_DRAWS):  # the first draw as before; more only for a duplicate
-            sample = _draw(widths, grids, level, i % 2 == 0, random.Random(seed * 1000 + i + 100_000 * draw))
+        for draw in range(2 * SAMPLE_DRAWS):  # the first draw as before; more only for a duplicate
+            on_grid = i % 2 == 0 and draw < SAMPLE_DRAWS
+            sample = _draw(widths, grids, level, on_grid, random.Random(seed * 1000 + i + 100_000 * draw))
             if _key(sample) not in seen:
                 break
         seen.add(_key(sample))

@@ -89,6 +89,8 @@ def test_samples_sit_on_each_branchs_own_grid_and_none_repeats_the_supernet_or_a
     keys = [tuple(tuple(s[b]) for b in sorted(s)) for s in samples] + [tuple(tuple(widths[b]) for b in sorted(widths))]
     assert len(set(keys)) == len(keys)                          # 12 networks, none the supernet, none twice
     assert sample_arch_widths(widths, 12, grids) == samples     # deterministic: a LUT finds its samples again
+    tiny = sample_arch_widths({"b": [8, 8]}, 4, {"b": [8, 8]})  # on its grid the first can only be the supernet
+    assert len({tuple(t["b"]) for t in tiny} | {(8, 8)}) == 5    # so it is drawn off the grid instead
 
 
 def test_branches_off_their_grid_count_in_their_own_part_and_the_fit_learns_both():
