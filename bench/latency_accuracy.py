@@ -66,9 +66,9 @@ def random_shrink(model, rng: random.Random, level: float, align: int, profile=N
     for name, block in model.named_blocks():
         block_masks = []
         for branch in block.branches:
-            align = profile.grid(branch_key(name, branch.kernel)) if profile is not None else align
+            step = profile.grid(branch_key(name, branch.kernel)) if profile is not None else align
             share = min(1.0, rng.uniform(level / 2, 1.5 * level))
-            n = round(share * branch.hidden / align) * align
+            n = round(share * branch.hidden / step) * step
             keep = torch.zeros(branch.hidden, dtype=torch.bool)
             keep[torch.randperm(branch.hidden, generator=torch.Generator().manual_seed(rng.randrange(1 << 30)))
                  [:n]] = True
