@@ -41,6 +41,13 @@ MAX_PROBES = 4
 # off many branches at once, whose widths stayed on the same grid step) and then 30.7 ms; taking that one
 # overshot by 28 % and cost 10 points of top-1, while each bisection step between the two costs seconds.
 MAX_BRACKETED_PROBES = 8
+# Where a measured candidate aims inside the band under the aim (``prune.budget_tolerance`` wide): this share of the
+# band's width under the aim. At the middle (0.5) all 12 landings of benchmark runs V-X re-timed under their ratio
+# afterwards (median -4.0 %, four of them 7.5-8.5 % under); the runs had read them at -2.9 % on average, and over
+# the 24 landings of the six steady runs before, a landing's re-timed ratio sat 1.5 points under its own reading at
+# the median (scattered by ~3 points either way: the machine's noise on two figures). Aimed a quarter of the band
+# under, a landing reads about 1.25 points higher; a candidate is still taken only when it reads at or under the aim.
+BAND_AIM = 0.25
 
 
 def schedule_fraction(shape: str, x: float) -> float:
@@ -176,10 +183,10 @@ class BudgetSteer:
         return shortest_prefix(n, lambda k: predict(k) <= aim_predicted_s)
 
     def probe_aim(self, aim_s: float, tried: list[tuple[float, float]]) -> float:
-        """Predicted seconds the next measured candidate aims at: the middle of the band under ``aim_s`` (so a
+        """Predicted seconds the next measured candidate aims at: BAND_AIM into the band under ``aim_s`` (so a
         model a little off still lands in it), mapped by the latest candidate's measured/predicted ratio
         (``tried``: (predicted, measured) of the candidates timed for this shrink), else by the latest shrink's."""
-        mid_s = aim_s * (1.0 - 0.5 * self.tolerance)
+        mid_s = self.in_band_aim_s(aim_s)
         if not tried:
             return self.to_predicted(mid_s)
         predicted, measured = tried[-1]
@@ -199,12 +206,16 @@ class BudgetSteer:
         return (max(slow), min(fast)) if slow and fast and max(slow) < min(fast) else None
 
     def interpolate(self, line: dict[int, tuple[float, float]], bracket: tuple[int, int], aim_s: float) -> int:
-        """Channels at which the straight line through the bracket's two measured ends crosses the middle of the
+        """Channels at which the straight line through the bracket's two measured ends crosses BAND_AIM into the
         band, kept in the bracket's middle half: the bracket shrinks by a quarter at least, whatever the curve."""
-        (s, f), mid_s = bracket, aim_s * (1.0 - 0.5 * self.tolerance)
+        (s, f), mid_s = bracket, self.in_band_aim_s(aim_s)
         slow_s, fast_s, quarter = line[s][1], line[f][1], (f - s) / 4
         k = s + (f - s) * (slow_s - mid_s) / (slow_s - fast_s)
         return round(min(max(k, s + quarter), f - quarter))
+
+    def in_band_aim_s(self, aim_s: float) -> float:
+        """Measured seconds a candidate aims at inside the band under ``aim_s``: BAND_AIM of its width under it."""
+        return aim_s * (1.0 - BAND_AIM * self.tolerance)
 
     def in_band(self, measured_s: float, aim_s: float) -> bool:
         """At or under the aim by at most ``prune.budget_tolerance``."""

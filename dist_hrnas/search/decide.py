@@ -23,7 +23,7 @@ from dist_hrnas.models import HRNet, export_arch
 from dist_hrnas.parallel import comm
 from dist_hrnas.search.budget import MAX_BRACKETED_PROBES, MAX_PROBES
 from dist_hrnas.search.ranking import (between, branch_channels, deferring, full_masks, masks_without,
-                                      ranked_channels, same_masks)
+                                      ranked_channels, same_masks, shortest_prefix)
 from dist_hrnas.search.masks import (Masks, arch_after_masks, broadcast_masks, dead_channels, flatten_masks,
                                      predict_after_masks, shrunk_view, unflatten_masks, whole_branches_only)
 from dist_hrnas.search.units import level_jumped, level_scale, near_predicted
@@ -192,6 +192,8 @@ def _budget_candidates(search: "Search", model: HRNet, masks: Masks, epoch: int,
                 ranked, line = deferring(ranked, s), {j: v for j, v in line.items() if j <= s}
         if k is None:
             k = budget.next_k(len(ranked), predict, aim, line)
+            if landing and not timed:  # the model may put the network now in the band: time it beside the least cut
+                k = max(k, shortest_prefix(len(ranked), lambda j: dead_channels(masks_without(base, ranked, j)) > 0))
         candidate = masks_without(base, ranked, k)
         if (dead_channels(candidate) == 0 or any(same_masks(candidate, t[0]) for t in timed)
                 or (not timed and not search.due(model, candidate, last_epoch))):

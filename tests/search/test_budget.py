@@ -150,15 +150,15 @@ def test_the_candidate_measured_slowest_at_or_under_the_aim_is_taken_else_the_fa
     assert steer.pick({10: 0.0490, 20: 0.0490}, aim_s=0.05) == 10     # a tie: the fewer channels
 
 
-def test_a_probe_aims_at_the_middle_of_the_band_through_the_last_miss_and_the_aim_follows_the_plan():
+def test_a_probe_aims_a_quarter_into_the_band_through_the_last_miss_and_the_aim_follows_the_plan():
     steer = _steer()
-    assert steer.probe_aim(50.0, []) == pytest.approx(48.75)               # 50 * (1 - 0.05 / 2), model units = 1
-    assert steer.probe_aim(50.0, [(45.0, 54.0)]) == pytest.approx(48.75 * 45.0 / 54.0)  # it measured 20 % over
+    assert steer.probe_aim(50.0, []) == pytest.approx(49.375)              # 50 * (1 - 0.05 / 4), model units = 1
+    assert steer.probe_aim(50.0, [(45.0, 54.0)]) == pytest.approx(49.375 * 45.0 / 54.0)  # it measured 20 % over
     assert steer.in_band(49.0, 50.0) and steer.in_band(47.5, 50.0)
     assert not steer.in_band(50.1, 50.0) and not steer.in_band(47.4, 50.0)
     predict = lambda k: 100.0 - k  # noqa: E731 - one predicted second per channel
-    assert steer.next_k(100, predict, 50.0, {}) == 52                          # the model's pick: 48.75 -> k 52
-    assert steer.next_k(100, predict, 50.0, {52: (48.0, 54.0)}) == 57          # aimed through the miss: 43.3
+    assert steer.next_k(100, predict, 50.0, {}) == 51                          # the model's pick: 49.375 -> k 51
+    assert steer.next_k(100, predict, 50.0, {52: (48.0, 54.0)}) == 57          # aimed through the miss: 43.9
     assert steer.bracket({52: (48.0, 54.0)}, 50.0) is None                    # one side only: aim again
     assert steer.bracket({52: (48.0, 54.0), 57: (43.0, 45.0)}, 50.0) == (52, 57)  # over the aim, under the band
     assert steer.bracket({52: (48.0, 45.0), 57: (43.0, 54.0)}, 50.0) is None  # noise out of order: no bracket
@@ -556,7 +556,8 @@ def test_a_slow_spell_scale_never_takes_a_candidate_far_under_its_prediction(tmp
 
 def test_a_network_that_already_measures_under_the_target_meets_the_budget_without_a_cut(tmp_path, even_lut):
     """Re-timed for the landing, the network as it is comes out at or under the target (its last figure, taken
-    after its shrink, was over): nothing more is cut, and the budget is met with that figure."""
+    after its shrink, was over): nothing more is cut, and the budget is met with that figure. The model's own pick
+    is no cut at all here (it puts the network now in the band): the least cut is timed beside it instead."""
     from dist_hrnas.search.decide import LANDING_COMPARISONS, decide_by_measurement
 
     search, model, device = _measured_budget_search(tmp_path, even_lut, lambda p, p0: 1.2 * p)
