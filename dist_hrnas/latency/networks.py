@@ -8,6 +8,7 @@ import copy
 import hashlib
 import json
 import statistics
+import warnings
 from typing import Callable
 
 import torch
@@ -99,6 +100,15 @@ CALIBRATION_GROUP = 4
 # that figure in one fit. Two groups give three supernet figures, whose median outvotes one disturbed figure, and
 # four ratios that put the LUT's samples at this run's machine speed; they cost six network figures at the start.
 LEVEL_CHECKS, LEVEL_GROUP = 4, 2
+# The supernet's figures at the start (the one before the calibration groups and one per group) further apart than
+# this, slowest over fastest, say the machine is busy: a user is warned that every figure the search decides on is
+# about that noisy. On the 2-core development VM they spread 2-11 % in steady hours (benchmark runs V-X) and 40 %
+# in a busy one (run Y: 39.2-54.8 ms, its re-timing passes 11 % apart at the median, up to 86 %).
+BUSY_SPREAD = 0.15
+
+
+class BusyDeviceWarning(UserWarning):
+    """The supernet's figures at the start disagree beyond BUSY_SPREAD: the machine is busy or shared."""
 
 
 def spread_picks(n: int, k: int) -> list[int]:
@@ -151,6 +161,7 @@ def calibrate(profile: LatencyProfile, model: HRNet, image_size: int, cfg: Laten
                                                network_timer, LEVEL_GROUP)
     ratio_of = dict(zip(fresh + check, ratios + check_ratios))  # sample index -> its seconds over the supernet's
     if ratio_of:
+        warn_if_busy([profile.network_s, *supernet_s, *check_s], cfg)
         profile.network_s = statistics.median([profile.network_s, *supernet_s, *check_s])
         profile.calibrated(model)
     level_s = (statistics.median(cached[i]["median_s"] / ratio_of[i] for i in check) if check
@@ -174,6 +185,18 @@ def calibrate(profile: LatencyProfile, model: HRNet, image_size: int, cfg: Laten
         table.put_calibration(network_key(model, image_size), calibration.state_dict())
     table.save()
     return calibration
+
+
+def warn_if_busy(supernet_s: list[float], cfg: LatencyConfig) -> None:
+    """Warn (rank 0 times these) when the supernet's figures at the start spread beyond BUSY_SPREAD."""
+    spread = max(supernet_s) / min(supernet_s) - 1.0 if min(supernet_s) > 0 else 0.0
+    if spread > BUSY_SPREAD:
+        warnings.warn(f"latency: the supernet's {len(supernet_s)} end-to-end figures at the start spread "
+                      f"{100 * spread:.0f} % ({1e3 * min(supernet_s):.3f}-{1e3 * max(supernet_s):.3f} ms on "
+                      f"{cfg.device} at batch {cfg.batch_size}): the machine is busy, and every figure the search "
+                      f"decides on is about that noisy; search on a quiet machine, or profile a quiet one (python -m "
+                      f"dist_hrnas.profile) and search with its LUT (latency.lut, latency.lut_device)",
+                      BusyDeviceWarning, stacklevel=2)
 
 
 def measure_network_on_rank0(model: nn.Module, image_size: int, cfg: LatencyConfig,

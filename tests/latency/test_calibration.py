@@ -3,6 +3,7 @@ measured before they cut."""
 from __future__ import annotations
 
 import random
+import warnings
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch
 from dist_hrnas.config import load_config
 from dist_hrnas.latency.calibration import Calibration, sample_arch_widths
 from dist_hrnas.latency.curve import curve_grid
+from dist_hrnas.latency.networks import BusyDeviceWarning
 from dist_hrnas.latency.rounds import interleaved, settled
 from dist_hrnas.models import build_model
 from tests.conftest import CONFIGS, SEARCH
@@ -311,7 +313,8 @@ def test_calibration_networks_are_timed_against_the_supernet_so_a_slow_spell_doe
     seconds = lambda m: 1e-3 * (2 + 0.01 * sum(_widths(m)))  # noqa: E731 - the device's truth
     # the supernet alone, then three groups of samples; the second group falls in a 1.6x spell
     device = DriftingDevice(seconds, [1.0, 1.0, 1.6, 1.0])
-    prof = profile_on_rank0(model, 16, cfg, Timer(torch.device("cpu"), 0, 1), network_timer=device)
+    with pytest.warns(BusyDeviceWarning, match=r"spread 60 % \(.*ms on cpu at batch"):  # the user is told
+        prof = profile_on_rank0(model, 16, cfg, Timer(torch.device("cpu"), 0, 1), network_timer=device)
     assert device.compared == 1 + 12 // CALIBRATION_GROUP           # the supernet in every group's rounds
     # every sample is its ratio to the supernet timed beside it, times the supernet's median figure (1.0x: the
     # figure before the groups and two of three groups), so all sit at one machine speed
@@ -334,11 +337,14 @@ def test_a_later_run_times_a_few_lut_samples_beside_the_supernet_so_one_slow_fig
     model = build_model(load_config(CONFIGS / "digits.yaml", SEARCH).model)
     seconds = lambda m: 1e-3 * (2 + 0.01 * sum(_widths(m)))  # noqa: E731 - the device's truth
     cpu = Timer(torch.device("cpu"), 0, 1)
-    profile_on_rank0(model, 16, cfg, cpu, network_timer=DriftingDevice(seconds, [1.0]))  # builds the LUT
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BusyDeviceWarning)  # a steady machine: no warning
+        profile_on_rank0(model, 16, cfg, cpu, network_timer=DriftingDevice(seconds, [1.0]))  # builds the LUT
     lut = read_lut_file(tmp_path / "lut.json")
     # an hour later the machine runs 1.2x slower, and the run's first supernet figure falls in a 1.6x spell
     later = DriftingDevice(seconds, [1.6, 1.2, 1.2])
-    prof = profile_on_rank0(model, 16, cfg, cpu, network_timer=later)
+    with pytest.warns(BusyDeviceWarning, match="spread 33 %"):
+        prof = profile_on_rank0(model, 16, cfg, cpu, network_timer=later)
     assert later.compared == 1 + LEVEL_CHECKS // LEVEL_GROUP  # the supernet, then two groups of LUT samples
     # the supernet's median figure outvotes the slow one, and every LUT sample enters the fit at the run's speed
     assert prof.network_s == pytest.approx(1.2 * seconds(model))
