@@ -161,8 +161,9 @@ def calibrate(profile: LatencyProfile, model: HRNet, image_size: int, cfg: Laten
                                                network_timer, LEVEL_GROUP)
     ratio_of = dict(zip(fresh + check, ratios + check_ratios))  # sample index -> its seconds over the supernet's
     if ratio_of:
-        warn_if_busy([profile.network_s, *supernet_s, *check_s], cfg)
-        profile.network_s = statistics.median([profile.network_s, *supernet_s, *check_s])
+        starts = [profile.network_s, *supernet_s, *check_s]  # the supernet's figures at the start
+        warn_if_busy(starts, cfg)
+        profile.network_s = statistics.median(starts)
         profile.calibrated(model)
     level_s = (statistics.median(cached[i]["median_s"] / ratio_of[i] for i in check) if check
                else profile.network_s)  # the supernet's figure at the machine speed of the LUT's samples
