@@ -271,6 +271,48 @@ def test_a_gain_inside_the_figures_spread_is_refused(tmp_path, spread, taken):
                                  Tags.REFUSED_NOW_MS: (pytest.approx(1.0), 7)}
 
 
+class MovingDevice(Device):
+    """A Device on which the candidate (any network narrower than the first timed) reads ``moves[k]`` times its
+    cost in the k-th comparison: one comparison's ratio moving from the next, as it does at batch 1."""
+
+    def __init__(self, cost, moves: list[float]):
+        super().__init__(cost)
+        self.moves, self.compared, self.first = moves, 0, None
+
+    def compare(self, models, rounds=3, retakes=2, settings=None, decided=None):
+        self.first, move = self.first or _widths(models[0]), self.moves[min(self.compared, len(self.moves) - 1)]
+        self.compared += 1
+        return [(self.cost(m) * (1.0 if _widths(m) == self.first else move), 0.0) for m in models]
+
+
+@pytest.mark.parametrize("moves, comparisons, taken", [
+    ([0.96, 1.01, 1.02], 3, False),   # a small gain in one comparison, none in the next two: the median refuses
+    ([0.96, 0.97, 1.02], 3, True),    # ... in two of three: taken on the median comparison
+    ([0.85, 1.01, 1.02], 1, True),    # a clear gain (over CLEAR_GAIN) decides alone
+    ([1.01, 0.90, 0.90], 1, False),   # so does none at all
+])
+def test_a_cheap_comparison_with_a_small_gain_is_taken_again_and_its_median_decides(tmp_path, monkeypatch,
+                                                                                    moves, comparisons, taken):
+    from dist_hrnas.search import decide
+    from dist_hrnas.search.decide import CLEAR_GAIN, LANDING_COMPARISONS, decide_by_measurement
+
+    search, model = _search(tmp_path, "prune.round_to=1")
+    with torch.no_grad():
+        search.pairs[0][1].weight[:] = 0.0     # one whole branch
+    masks = search.registry.masks(model)
+    search.network_timer = MovingDevice(lambda m: 1e-3, moves)
+    search.latency_ms_measured = 1.0
+    assert 1.0 - CLEAR_GAIN < 0.96 and LANDING_COMPARISONS == 3
+    decision = decide_by_measurement(search, model, masks, epoch=0, last_epoch=True)
+    assert search.network_timer.compared == comparisons and decision.due == taken
+    if taken:
+        assert decision.measured_s / decision.before_s == pytest.approx(moves[0] if comparisons == 1 else 0.97)
+    monkeypatch.setattr(decide, "LANDING_MEDIAN_S", 0.0)  # a costly comparison (batch 32): one, as it reads
+    search.network_timer = MovingDevice(lambda m: 1e-3, moves)
+    decision = decide_by_measurement(search, model, masks, epoch=0, last_epoch=True)
+    assert search.network_timer.compared == 1 and decision.due == (moves[0] < 0.99)
+
+
 def test_before_the_last_epoch_a_gain_too_small_to_measure_is_not_timed(tmp_path):
     from dist_hrnas.search.decide import decide_by_measurement
 
