@@ -222,7 +222,11 @@ def trajectory(work: Path, passes: int = 2) -> dict:
                              "run_reported_vs_target_pct": summary.get("latency_vs_target_pct"),
                              # what the user asked for: the searched network / the supernet, re-timed together
                              "target_ratio": ratio, "retimed_ratio": round(retimed_ratio, 4),
-                             "vs_target_ratio_pct": round(100 * (retimed_ratio / ratio - 1), 2)}
+                             "vs_target_ratio_pct": round(100 * (retimed_ratio / ratio - 1), 2),
+                             # each re-timing pass's own ratio: how far the truth the landing is judged by moves
+                             **({"retimed_ratio_passes": [round(f / s, 4) for f, s in zip(
+                                 retimed["shrinks"][-1]["retimed_ms_after_passes"],
+                                 retimed["supernet_retimed_ms_passes"])]} if passes > 1 else {})}
         out[name] = retimed
     out["median_abs_error_pct"] = round(statistics.median(errors), 2) if errors else None
     out["max_abs_error_pct"] = round(max(errors), 2) if errors else None
