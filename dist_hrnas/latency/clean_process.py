@@ -56,7 +56,7 @@ def _serve_network(arch: dict, cfg_fields: dict, image_size: int, conn: Connecti
     try:
         cfg = LatencyConfig(**cfg_fields)
         timer = make_timer(cfg)
-        take = network_round(model_from_arch(arch), image_size, cfg, timer)
+        take = network_round(model_from_arch(arch), image_size, cfg, timer, own=True)
         conn.send(("ok", 0.0))  # built: the parent waits for every child's before the first round, so none
         while conn.recv():      # builds while one times; the parent closing its end reads as EOFError: done
             conn.send(("ok", take()))
@@ -135,11 +135,12 @@ class CleanProcessTimer:
         arch = export_arch(model)
         return settled(lambda: self._round(arch), self.cfg)[0]
 
-    def compare(self, models: list[HRNet], rounds: int = NETWORK_ROUNDS, retakes: int = RETAKES,
+    def compare(self, models: list[HRNet | dict], rounds: int = NETWORK_ROUNDS, retakes: int = RETAKES,
                 settings: LatencyConfig | None = None,
                 decided: Callable[[Figures, int], bool] | None = None) -> Figures:
-        """Each network's (fastest round, spread), timed in the same rounds (:func:`interleaved`). Each network
-        lives in a child of its own, which runs nothing else and times a round when asked: a child per round
+        """Each network's (fastest round, spread), timed in the same rounds (:func:`interleaved`); a network may
+        be given as its architecture (export_arch's dict: only that crosses to the child). Each network lives in a
+        child of its own, which runs nothing else and times a round when asked: a child per round
         paid its start (~0.5 s) every round, more than a round of a small network. The children start and build
         side by side (nothing is timed until all are built). With ``keep_children`` a network the previous
         comparison timed (a search's network now: the candidate it took, or the one it kept) is timed again in
@@ -153,7 +154,7 @@ class CleanProcessTimer:
         started: list[_NetworkProcess] = []  # a kept child answered "built" long ago: only new ones are waited for
         try:
             for model in models:
-                arch = export_arch(model)
+                arch = export_arch(model) if isinstance(model, HRNet) else model
                 key = json.dumps({"arch": arch, "settings": fields}, sort_keys=True)
                 worker = kept.pop(key, None)
                 if worker is not None and not worker.process.is_alive():  # ended since: time it afresh

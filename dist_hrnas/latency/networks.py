@@ -21,24 +21,28 @@ from dist_hrnas.latency.curve import LatencyProfile, branch_key
 from dist_hrnas.latency.lut import LatencyTable
 from dist_hrnas.latency.rounds import NETWORK_ROUNDS, RETAKES, Figures, interleaved, settled
 from dist_hrnas.latency.timing import Timed, Timer, cpu_threads, make_timer, runner
-from dist_hrnas.models import HRNet, export_arch, model_from_arch
+from dist_hrnas.models import HRNet, as_network, export_arch, model_from_arch
 
 # Times a whole network's architecture end to end (clean_timing.CleanProcessTimer: in a fresh process)
 NetworkTimer = Callable[[HRNet], float]
 
 
-def compare_networks(models: list[HRNet], image_size: int, cfg: LatencyConfig, timer: Timer,
+def compare_networks(models: list[HRNet | dict], image_size: int, cfg: LatencyConfig, timer: Timer,
                      network_timer: NetworkTimer | None = None, rounds: int = NETWORK_ROUNDS,
                      retakes: int = RETAKES, decided: Callable[[Figures, int], bool] | None = None) -> Figures:
-    """:func:`interleaved` figures of ``models``: in clean processes when ``network_timer`` can, else here."""
+    """:func:`interleaved` figures of ``models`` (networks, or their architectures: export_arch's dicts): in clean
+    processes when ``network_timer`` can (architectures are all they need), else here."""
     if network_timer is not None and hasattr(network_timer, "compare"):
         return network_timer.compare(models, rounds, retakes, cfg, decided)
-    return interleaved([network_round(m, image_size, cfg, timer) for m in models], cfg, rounds, retakes, decided)
+    return interleaved([network_round(as_network(m), image_size, cfg, timer) for m in models], cfg, rounds, retakes,
+                       decided)
 
 
-def network_round(model: HRNet, image_size: int, cfg: LatencyConfig, timer: Timer) -> Callable[[], float]:
-    """One round of timing ``model`` end to end: the median of ``latency.network_repeats`` forward passes."""
-    net = copy.deepcopy(model)
+def network_round(model: HRNet, image_size: int, cfg: LatencyConfig, timer: Timer,
+                  own: bool = False) -> Callable[[], float]:
+    """One round of timing ``model`` end to end: the median of ``latency.network_repeats`` forward passes.
+    ``own``: the round may use ``model`` itself (a clean process's child built it for this alone), else a copy."""
+    net = model if own else copy.deepcopy(model)
     x = torch.randn(cfg.batch_size, model.spec.image_channels, image_size, image_size, device=timer.device)
     run = Timed(runner(net, x, cfg, timer.device), "network")
 

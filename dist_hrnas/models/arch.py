@@ -101,6 +101,11 @@ def model_from_arch(arch: dict, source: str = "architecture") -> HRNet:
     return model
 
 
+def as_network(network: HRNet | dict) -> HRNet:
+    """``network`` itself, or the network its architecture (export_arch's dict) describes (fresh weights)."""
+    return network if isinstance(network, HRNet) else model_from_arch(network)
+
+
 def load_arch_file(path: str | os.PathLike) -> dict:
     p = Path(path)
     if not p.is_file():

@@ -162,9 +162,10 @@ class Search:
         ``latency.clean_process=false``; at most ``retakes`` more sets of rounds while they disagree and
         ``decided`` does not hold): each one's (seconds, spread of its rounds)."""
         start = time.perf_counter()
-        models = [model_from_arch(a) for a in archs]
         cfg = candidate_settings(self.cfg.latency)
-        figures = compare_networks(models, self.image_size, cfg, self.timer or make_timer(cfg), self.network_timer,
+        # the architectures themselves: a clean-process timer builds each network in its child only (building
+        # them here too cost the search a model build per network timed)
+        figures = compare_networks(archs, self.image_size, cfg, self.timer or make_timer(cfg), self.network_timer,
                                    rounds, retakes, decided)
         self.candidate_networks_timed += len(archs)
         self.candidate_comparisons += 1

@@ -13,6 +13,7 @@ from dist_hrnas.latency.calibration import Calibration, sample_arch_widths
 from dist_hrnas.latency.curve import curve_grid
 from dist_hrnas.latency.networks import BusyDeviceWarning
 from dist_hrnas.latency.rounds import interleaved, settled
+from dist_hrnas.models import as_network
 from dist_hrnas.models import build_model
 from tests.conftest import CONFIGS, SEARCH
 
@@ -209,7 +210,7 @@ class Device:
         return self.cost(model)
 
     def compare(self, models, rounds=3, retakes=2, settings=None, decided=None):  # the rounds of each figure disagree by ``spread``
-        return [(self.cost(m), self.spread) for m in models]
+        return [(self.cost(as_network(m)), self.spread) for m in models]  # a search hands it architectures
 
 
 def _widths(model) -> list[int]:
@@ -280,6 +281,7 @@ class MovingDevice(Device):
         self.moves, self.compared, self.first = moves, 0, None
 
     def compare(self, models, rounds=3, retakes=2, settings=None, decided=None):
+        models = [as_network(m) for m in models]
         self.first, move = self.first or _widths(models[0]), self.moves[min(self.compared, len(self.moves) - 1)]
         self.compared += 1
         return [(self.cost(m) * (1.0 if _widths(m) == self.first else move), 0.0) for m in models]
@@ -341,7 +343,7 @@ class DriftingDevice:
     def compare(self, models, rounds=3, retakes=2, settings=None, decided=None):
         slowdown = self.slowdowns[self.compared % len(self.slowdowns)]
         self.compared += 1
-        return [(slowdown * self.seconds(m), 0.0) for m in models]
+        return [(slowdown * self.seconds(as_network(m)), 0.0) for m in models]
 
 
 def test_calibration_networks_are_timed_against_the_supernet_so_a_slow_spell_does_not_tilt_the_fit(tmp_path):

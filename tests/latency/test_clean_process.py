@@ -12,7 +12,7 @@ from dist_hrnas.latency.clean_process import CleanProcessTimer, _NetworkProcess,
 from dist_hrnas.latency.networks import CALIBRATION_GROUP
 from dist_hrnas.config import load_config
 from dist_hrnas.errors import UserError
-from dist_hrnas.models import build_model
+from dist_hrnas.models import build_model, export_arch
 from dist_hrnas.search import Search
 from dist_hrnas.search.surgery import shrink_model
 from tests.conftest import CONFIGS, SEARCH
@@ -66,7 +66,8 @@ def test_kept_children_time_a_network_of_the_last_comparison_again_and_no_other(
         shrink_model(model, {name: [torch.arange(b.hidden) < keep for b in block.branches]})
     first = [int(s) for s, _ in timer.compare([now, candidate], 2, 0)]
     assert len(multiprocessing.active_children()) == 2              # both kept after the comparison
-    second = [int(s) for s, _ in timer.compare([candidate, other], 2, 0)]  # the candidate was taken
+    # the candidate was taken; a search hands over architectures (export_arch's dicts): the same network
+    second = [int(s) for s, _ in timer.compare([export_arch(candidate), other], 2, 0)]
     assert second[0] == first[1] and second[1] not in first and timer.children == 3
     third = [int(s) for s, _ in timer.compare([candidate, other], 1, 0, candidate_settings(cfg))]
     assert not set(third) & set(second) and timer.children == 5     # other settings: other children

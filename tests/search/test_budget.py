@@ -10,7 +10,7 @@ import torch
 
 from dist_hrnas.config import PruneConfig
 from dist_hrnas.errors import UserError
-from dist_hrnas.models import export_arch
+from dist_hrnas.models import as_network, export_arch
 from dist_hrnas.search.budget import BudgetSteer, PrunedSecondsPlan, RhoController
 from dist_hrnas.search.ranking import BranchChannels, masks_without, ranked_channels
 
@@ -297,6 +297,7 @@ class Device:
     def compare(self, models, rounds=3, retakes=2, settings=None, decided=None) -> list[tuple[float, float]]:
         self.compared.append(len(models))
         self.settings, self.retakes = settings, retakes
+        models = [as_network(m) for m in models]  # a search hands the clean-process timer architectures
         return [(self.slower_of(m) * self.seconds(m), self.spread_of(m)) for m in models]
 
     def spread_of(self, model) -> float:
