@@ -204,9 +204,9 @@ class Search:
             return {}
 
         def on_rank0() -> list[float]:
-            models = [model_from_arch(self.supernet_arch), model_from_arch(export_arch(model))]
+            archs = [self.supernet_arch, export_arch(model)]  # what a clean-process timer needs (as compare_on_rank0)
             self.close()  # fresh children for both, not the last comparison's
-            figures = compare_networks(models, self.image_size, self.cfg.latency,
+            figures = compare_networks(archs, self.image_size, self.cfg.latency,
                                        self.timer or make_timer(self.cfg.latency), self.network_timer)
             self.close()  # kept as a comparison's children are; nothing is timed after this
             return [seconds for seconds, _ in figures]

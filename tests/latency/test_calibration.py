@@ -13,8 +13,7 @@ from dist_hrnas.latency.calibration import Calibration, sample_arch_widths
 from dist_hrnas.latency.curve import curve_grid
 from dist_hrnas.latency.networks import BusyDeviceWarning
 from dist_hrnas.latency.rounds import interleaved, settled
-from dist_hrnas.models import as_network
-from dist_hrnas.models import build_model
+from dist_hrnas.models import as_network, build_model
 from tests.conftest import CONFIGS, SEARCH
 
 TRUE = {"fixed": 0.8, "join": 1.0, "res:8x8": 1.3, "res:4x4": 0.6}
