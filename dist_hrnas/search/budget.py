@@ -50,14 +50,6 @@ MAX_BRACKETED_PROBES = 8
 # So aimed (runs Y-AA, session 22) the steady runs read their landings at -2.4 % on average (-0.8 to -4.8 %), and
 # the re-timing still sat 1.2 points under the reading at the median: within 5 % in 3 and 2 of 4.
 BAND_AIM = 0.25
-# A landing stops probing once a candidate reads in the upper SETTLE_BAND of the band (within this share of its width
-# under the aim); after one read lower in the band the next is aimed through it (MAX_PROBES still bounds them).
-# Stopping anywhere in the band, a landing took the first candidate that read in it: over the 87
-# batch-32 landings of benchmark runs A-AH the runs read theirs at -2.8 % of the ratio at the median and the
-# re-timing at -3.5 %, and in the six latest runs (AC-AH) 6 of the 7 batch-32 landings that missed the 5 % bound
-# afterwards missed it under (-5.3 to -7.7 %). The pick is unchanged (the slowest read at or under the aim), so a
-# further probe can only move the landing up toward the target; it costs one comparison (~4 s at batch 32).
-SETTLE_BAND = 0.5
 
 
 def schedule_fraction(shape: str, x: float) -> float:
@@ -230,11 +222,6 @@ class BudgetSteer:
     def in_band(self, measured_s: float, aim_s: float) -> bool:
         """At or under the aim by at most ``prune.budget_tolerance``."""
         return aim_s * (1.0 - self.tolerance) <= measured_s <= aim_s
-
-    def settled(self, measured_s: float, aim_s: float) -> bool:
-        """Whether a landing's candidate read close enough under the aim to stop probing: at most SETTLE_BAND of
-        the band's width under it."""
-        return aim_s * (1.0 - SETTLE_BAND * self.tolerance) <= measured_s <= aim_s
 
     def pick(self, measured: dict[int, float], aim_s: float) -> int:
         """The candidate measured slowest at or under the aim (the fewest channels that meet it); if none

@@ -172,8 +172,7 @@ def _confirm(search: "Search", model: HRNet, masks: Masks, epoch: int, last_epoc
 
 def _budget_candidates(search: "Search", model: HRNet, masks: Masks, epoch: int, last_epoch: bool) -> Decision:
     """The calibrated model's pick for the aim, measured with the network now; at the landing (the aim is the
-    target), while the last one did not settle (read over the aim or under its band's upper SETTLE_BAND), another
-    (at most MAX_PROBES): aimed through the miss, or, once
+    target), while the last one missed the band, another (at most MAX_PROBES): aimed through the miss, or, once
     two bracket the band, one between them (up to MAX_BRACKETED_PROBES in all), or past the jump between them
     along a ranking that defers the jumping branch. Taken: the slowest measured at or under the aim (the fastest
     when none is), if it measures faster than the network now. Before the landing a pick the model rates less
@@ -215,7 +214,7 @@ def _budget_candidates(search: "Search", model: HRNet, masks: Masks, epoch: int,
             # a waypoint's pick measured under the target's band would overshoot the whole budget (a 0.7 budget
             # at batch 32 ended 11 % under its target so): this shrink is the landing, and aims at the target
             landing, aim = True, budget.target_s
-        if budget.settled(timed[-1][2][0], aim) or _now_s(timed) <= budget.target_s or not landing:
+        if budget.in_band(timed[-1][2][0], aim) or _now_s(timed) <= budget.target_s or not landing:
             break
     if not timed:
         return Decision(masks, False)

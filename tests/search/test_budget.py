@@ -408,24 +408,6 @@ def test_a_landing_that_misses_the_band_is_corrected_by_measured_candidates(tmp_
     assert json.loads(search.files.shrinks.read_text().splitlines()[-1]) == record
 
 
-def test_a_landing_read_low_in_the_band_probes_again_and_takes_the_one_nearer_the_target(tmp_path, even_lut):
-    """The device runs small networks faster than the supernet's ratio says (a constant part the model does not
-    have): the model's pick reads in the band but low in it, so the landing aims once more through that reading,
-    and takes the second candidate, which reads in the band's upper SETTLE_BAND: nearer the target, still under it."""
-    from dist_hrnas.search.budget import SETTLE_BAND
-    from dist_hrnas.search.decide import decide_by_measurement
-
-    search, model, device = _measured_budget_search(tmp_path, even_lut, lambda p, p0: p - 0.03 * p0)
-    budget = search.budget
-    target_s, settled_floor_s = budget.target_s, budget.target_s * (1 - SETTLE_BAND * budget.tolerance)
-    decision = decide_by_measurement(search, model, {}, epoch=7, last_epoch=True)
-    measured = [seconds for _, seconds in decision.probes]
-    assert len(measured) == 2
-    assert budget.in_band(measured[0], target_s) and measured[0] < settled_floor_s   # in the band, low in it
-    assert decision.due and decision.measured_s == pytest.approx(measured[1])        # the second one is taken
-    assert settled_floor_s <= decision.measured_s <= target_s and decision.measured_s > measured[0]
-
-
 def test_a_jump_across_the_band_is_stepped_around_by_keeping_its_branch(tmp_path, even_lut):
     """The costliest branch ranks first and goes in one step (its grid is its width): the target lies inside that
     jump, so no prefix of the ranking measures in the band. The two candidates around the jump are found
