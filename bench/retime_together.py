@@ -22,14 +22,22 @@ from dist_hrnas.config import load_config  # noqa: E402
 from dist_hrnas.models.arch import load_arch_file  # noqa: E402
 
 
+def _fail(line: str) -> None:
+    print(line, file=sys.stderr)
+    sys.exit(2)
+
+
 def main() -> None:
-    if len(sys.argv) < 4:
-        sys.exit(__doc__.strip().splitlines()[-2])
+    if len(sys.argv) < 4 or not sys.argv[2].isdigit() or int(sys.argv[2]) < 1:
+        _fail("usage: python bench/retime_together.py OUT.json PASSES RUN_DIR... (PASSES a count >= 1)")
     out, passes, dirs = Path(sys.argv[1]), int(sys.argv[2]), [Path(d) for d in sys.argv[3:]]
+    missing = [str(d) for d in dirs if not (d / "summary.json").exists() or not (d / "searched_arch.yaml").exists()]
+    if missing:
+        _fail(f"retime_together: not a finished search (no summary.json / searched_arch.yaml): {missing[0]}")
     cfgs = [load_config(d / "config.yaml") for d in dirs]
     batch = {c.latency.batch_size for c in cfgs}
     if len(batch) != 1 or any(c.prune.target_ratio is None for c in cfgs):
-        sys.exit("retime_together: every run must be a prune.target_ratio search at one latency.batch_size")
+        _fail("retime_together: every RUN_DIR must be a prune.target_ratio search, all at one latency.batch_size")
     batch = batch.pop()
     archs = [floor_arch(batch)[0]] + [load_arch_file(d / "searched_arch.yaml") for d in dirs]
     kept = json.loads(out.read_text()) if out.exists() else {}
