@@ -19,6 +19,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from bench.search_quality import floor_arch, retime_ms  # noqa: E402
 from dist_hrnas.config import load_config  # noqa: E402
+from dist_hrnas.fileio import atomic_write_json  # noqa: E402
 from dist_hrnas.models.arch import load_arch_file  # noqa: E402
 
 
@@ -44,7 +45,7 @@ def main() -> None:
     figures = kept.get("passes", []) if kept.get("dirs") == [str(d) for d in dirs] else []
     while len(figures) < passes:
         figures.append(retime_ms(archs, batch))
-        out.write_text(json.dumps({"dirs": [str(d) for d in dirs], "passes": figures}))
+        atomic_write_json(out, {"dirs": [str(d) for d in dirs], "passes": figures})  # each pass kept when done
     rows = []
     for i, (d, cfg) in enumerate(zip(dirs, cfgs)):
         summary = json.loads((d / "summary.json").read_text())
@@ -57,7 +58,7 @@ def main() -> None:
                      "wall_time_s": summary.get("wall_time_s")})
     result = {"batch": batch, "supernet_ms_passes": [round(p[0], 4) for p in figures], "runs": rows,
               "dirs": [str(d) for d in dirs], "passes": figures}
-    out.write_text(json.dumps(result, indent=1))
+    atomic_write_json(out, result)
     print(json.dumps({k: v for k, v in result.items() if k not in ("dirs", "passes")}, indent=1))
 
 
