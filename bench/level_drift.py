@@ -84,6 +84,10 @@ def main() -> None:
     parser.add_argument("--out", help="also write the JSON here (after every cycle, so a stopped run keeps it)")
     parser.add_argument("--report", help="time nothing: the report of the series kept in this JSON (an --out)")
     args = parser.parse_args()
+    if args.report and not Path(args.report).is_file():
+        parser.error(f"no such file {args.report} (--report takes the JSON an --out run wrote)")
+    if args.minutes <= 0 or any(b < 1 for b in args.batch_sizes):
+        parser.error("--minutes must be > 0 and every --batch-sizes entry >= 1")
     if args.report:
         kept = json.loads(Path(args.report).read_text())
         print(json.dumps({**kept, **{k: {**drift_report([tuple(p) for p in v["series"]]), "series": v["series"]}
