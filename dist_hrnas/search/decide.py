@@ -21,7 +21,7 @@ import torch
 
 from dist_hrnas.models import HRNet, export_arch
 from dist_hrnas.parallel import comm
-from dist_hrnas.search.budget import MAX_BRACKETED_PROBES, MAX_PROBES
+from dist_hrnas.search.budget import MAX_BRACKETED_PROBES, MAX_PROBES, NEAR_REFINEMENTS
 from dist_hrnas.search.ranking import (between, branch_channels, deferring, full_masks, masks_without,
                                       ranked_channels, same_masks, shortest_prefix)
 from dist_hrnas.search.masks import (Masks, arch_after_masks, broadcast_masks, dead_channels, flatten_masks,
@@ -174,7 +174,8 @@ def _budget_candidates(search: "Search", model: HRNet, masks: Masks, epoch: int,
     """The calibrated model's pick for the aim, measured with the network now; at the landing (the aim is the
     target), while the last one missed the band, another (at most MAX_PROBES): aimed through the miss, or, once
     two bracket the band, one between them (up to MAX_BRACKETED_PROBES in all), or past the jump between them
-    along a ranking that defers the jumping branch. Taken: the slowest measured at or under the aim (the fastest
+    along a ranking that defers the jumping branch; one read in the band but under its near part (NEAR_AIM) is
+    followed by up to NEAR_REFINEMENTS between it and a slower one. Taken: the slowest measured at or under the aim (the fastest
     when none is), if it measures faster than the network now. Before the landing a pick the model rates less
     than MEASURABLE_GAIN faster is not timed (the penalty goes on), and one that measures under the target's
     band makes that shrink the landing."""
@@ -189,14 +190,18 @@ def _budget_candidates(search: "Search", model: HRNet, masks: Masks, epoch: int,
     landing = aim <= budget.target_s
     timed: list[tuple] = []  # per candidate timed: (masks, (now s, spread), (after s, spread), scale)
     line: dict[int, tuple[float, float]] = {}  # channels taken along `ranked` -> (predicted, measured)
+    refined = 0  # candidates timed after one read in the band, to land nearer the aim (NEAR_AIM)
     for probe in range(MAX_BRACKETED_PROBES):
-        bracket, k = budget.bracket(line, aim), None
+        refining = landing and any(budget.in_band(t[2][0], aim) for t in timed)
+        bracket, k = budget.bracket(line, aim, near=refining), None
         if probe >= MAX_PROBES and bracket is None:
             break
         if bracket is not None:
             s, k = between(base, ranked, *bracket, prefer=budget.interpolate(line, bracket, aim))
-            if k is None:  # no candidate between the two: the branch that jumps keeps its width from here
+            if k is None and not refining:  # no candidate between the two: the branch that jumps keeps its width
                 ranked, line = deferring(ranked, s), {j: v for j, v in line.items() if j <= s}
+        if refining and k is None:  # nothing between the band's candidate and a slower one: the band's stands
+            break
         if k is None:
             k = budget.next_k(len(ranked), predict, aim, line)
             if landing and not timed:  # the model may put the network now in the band: time it beside the least cut
@@ -214,7 +219,9 @@ def _budget_candidates(search: "Search", model: HRNet, masks: Masks, epoch: int,
             # a waypoint's pick measured under the target's band would overshoot the whole budget (a 0.7 budget
             # at batch 32 ended 11 % under its target so): this shrink is the landing, and aims at the target
             landing, aim = True, budget.target_s
-        if budget.in_band(timed[-1][2][0], aim) or _now_s(timed) <= budget.target_s or not landing:
+        refined += refining
+        if (budget.near_aim(timed[-1][2][0], aim) or _now_s(timed) <= budget.target_s or not landing
+                or refined >= NEAR_REFINEMENTS):
             break
     if not timed:
         return Decision(masks, False)

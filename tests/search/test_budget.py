@@ -724,3 +724,37 @@ def test_a_landing_stops_on_the_network_nows_median_figure_not_on_its_latest(tmp
     measured = [s for _, s in decision.probes]
     assert measured[0] > budget.target_s and measured[1] < budget.target_s * (1 - budget.tolerance)
     assert len(measured) >= 3 and decision.due and budget.in_band(decision.measured_s, budget.target_s)
+
+
+def test_a_landing_read_low_in_the_band_is_refined_towards_the_aim(tmp_path, even_lut):
+    """A launch cost the model over-reads (the device runs every network 3.5 % of the supernet's prediction
+    faster): the model's pick, aimed a quarter into the band, reads in the band but under its near part
+    (NEAR_AIM). Before, that ended the landing. Now candidates between it and the network now (read over the aim)
+    are timed, at most NEAR_REFINEMENTS, and the slowest read at or under the aim is taken: nearer the target,
+    never over it; the first one stays a candidate when a refinement reads over the aim."""
+    from dist_hrnas.search.budget import NEAR_REFINEMENTS
+    from dist_hrnas.search.decide import decide_by_measurement
+
+    search, model, device = _measured_budget_search(tmp_path, even_lut, lambda p, p0: p - 0.035 * p0)
+    budget = search.budget
+    decision = decide_by_measurement(search, model, {}, epoch=7, last_epoch=True)
+    measured = [s for _, s in decision.probes]
+    assert budget.in_band(measured[0], budget.target_s) and not budget.near_aim(measured[0], budget.target_s)
+    assert 2 <= len(measured) <= 1 + NEAR_REFINEMENTS
+    assert decision.due and decision.measured_s == max(s for s in measured if s <= budget.target_s)
+    assert budget.near_aim(decision.measured_s, budget.target_s)
+    # shrink by shrink: a landing read near the aim at once is not refined (one candidate, its comparisons)
+    near, model2, device2 = _measured_budget_search(tmp_path / "near", even_lut, lambda p, p0: p)
+    single = decide_by_measurement(near, model2, {}, epoch=7, last_epoch=True)
+    assert len(single.probes) == 1 and near.budget.near_aim(single.measured_s, near.budget.target_s)
+
+
+def test_a_landing_refines_between_the_slower_candidate_and_the_one_read_low_in_the_band():
+    """The bracket a refinement bisects: the most channels read over the aim and the fewest read under the band's
+    near part (the whole band's floor when not refining)."""
+    steer = _steer(target_ratio=0.5)
+    aim = 1.0
+    line = {0: (2.0, 2.0), 40: (1.1, 1.03), 60: (0.97, 0.965)}  # the second reads 3.5 % under: in the band
+    assert steer.in_band(0.965, aim) and not steer.near_aim(0.965, aim) and steer.near_aim(0.99, aim)
+    assert steer.bracket(line, aim) is None
+    assert steer.bracket(line, aim, near=True) == (40, 60)
