@@ -233,13 +233,13 @@ class BudgetSteer:
         """Measured seconds a candidate aims at inside the band under ``aim_s``: BAND_AIM of its width under it."""
         return aim_s * (1.0 - BAND_AIM * self.tolerance)
 
-    def in_band(self, measured_s: float, aim_s: float) -> bool:
-        """At or under the aim by at most ``prune.budget_tolerance``."""
-        return aim_s * (1.0 - self.tolerance) <= measured_s <= aim_s
+    def in_band(self, measured_s: float, aim_s: float, share: float = 1.0) -> bool:
+        """At or under the aim by at most ``share`` of ``prune.budget_tolerance``."""
+        return aim_s * (1.0 - share * self.tolerance) <= measured_s <= aim_s
 
     def near_aim(self, measured_s: float, aim_s: float) -> bool:
-        """At or under the aim by at most NEAR_AIM of ``prune.budget_tolerance``: a landing stops refining here."""
-        return aim_s * (1.0 - NEAR_AIM * self.tolerance) <= measured_s <= aim_s
+        """In the band's NEAR_AIM part under the aim: a landing stops refining here."""
+        return self.in_band(measured_s, aim_s, NEAR_AIM)
 
     def pick(self, measured: dict[int, float], aim_s: float) -> int:
         """The candidate measured slowest at or under the aim (the fewest channels that meet it); if none

@@ -175,10 +175,10 @@ def _budget_candidates(search: "Search", model: HRNet, masks: Masks, epoch: int,
     target), while the last one missed the band, another (at most MAX_PROBES): aimed through the miss, or, once
     two bracket the band, one between them (up to MAX_BRACKETED_PROBES in all), or past the jump between them
     along a ranking that defers the jumping branch; one read in the band but under its near part (NEAR_AIM) is
-    followed by up to NEAR_REFINEMENTS between it and a slower one. Taken: the slowest measured at or under the aim (the fastest
-    when none is), if it measures faster than the network now. Before the landing a pick the model rates less
-    than MEASURABLE_GAIN faster is not timed (the penalty goes on), and one that measures under the target's
-    band makes that shrink the landing."""
+    followed by up to NEAR_REFINEMENTS between it and a slower one. Taken: the slowest measured at or under the
+    aim (the fastest when none is), if it measures faster than the network now. Before the landing a pick the
+    model rates less than MEASURABLE_GAIN faster is not timed (the penalty goes on), and one that measures under
+    the target's band makes that shrink the landing."""
     budget = search.budget
     base = full_masks(model, {})
     ranked = ranked_channels(branch_channels(model, search.pairs, search.cfg.prune.penalty))
