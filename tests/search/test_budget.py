@@ -743,7 +743,7 @@ def test_a_landing_read_low_in_the_band_is_refined_towards_the_aim(tmp_path, eve
     assert 2 <= len(measured) <= 1 + NEAR_REFINEMENTS
     assert decision.due and decision.measured_s == max(s for s in measured if s <= budget.target_s)
     assert budget.near_aim(decision.measured_s, budget.target_s)
-    # shrink by shrink: a landing read near the aim at once is not refined (one candidate, its comparisons)
+    # a landing read near the aim at once is not refined (one candidate, its comparisons)
     near, model2, device2 = _measured_budget_search(tmp_path / "near", even_lut, lambda p, p0: p)
     single = decide_by_measurement(near, model2, {}, epoch=7, last_epoch=True)
     assert len(single.probes) == 1 and near.budget.near_aim(single.measured_s, near.budget.target_s)
