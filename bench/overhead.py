@@ -17,7 +17,8 @@ to ``bench/results/overhead.json``.
     spent timing candidate networks before its shrinks (summary.json ``candidate_timing_s``) over its wall
     time. Target <= 0.10.
 
-Usage: ``python bench/overhead.py [--rounds N] [--steps N] [--sections a,b,...] [--quick] [--out FILE]``
+Usage: ``python bench/overhead.py [--rounds N] [--steps N] [--sections a,b,...] [--set KEY=VALUE] [--quick]
+[--out FILE]``
 (``--quick``: tiny sizes, only to check that it runs end to end; its figures mean nothing)
 """
 from __future__ import annotations
@@ -250,20 +251,32 @@ def memory_format_ratios(rounds: int, quick: bool) -> dict:
 SECTIONS = ("search_step", "shrink", "scaling", "memory_format", "candidates")
 
 
-def candidate_timing(work: Path) -> dict:
-    """(e): one default digits search, measured shrinks and all; what deciding by measurement cost it."""
+def candidate_timing(work: Path, overrides: list[str]) -> dict:
+    """(e): one default digits search (``overrides`` on top), measured shrinks and all; what deciding by
+    measurement cost it."""
     import subprocess
 
     run_dir = work / "digits_search"
     cmd = [sys.executable, "-m", "dist_hrnas.train", "--config", str(DIGITS), "log.progress=false",
-           "checkpoint.resume=never", f"log.run_dir={run_dir}"]
+           "checkpoint.resume=never", *overrides, f"log.run_dir={run_dir}"]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
     summary = json.loads((run_dir / "summary.json").read_text())
     return {"candidate_timing_s": summary["candidate_timing_s"], "candidate_networks_timed":
             summary["candidate_networks_timed"], "candidate_comparisons": summary["candidate_comparisons"],
             "shrinks": summary["shrinks"], "digits_search_wall_s": summary["wall_time_s"],
             "candidate_timing_share": round(summary["candidate_timing_s"] / summary["wall_time_s"], 3),
-            "candidate_timing_target_max": 0.10}
+            "candidate_timing_target_max": 0.10, "overrides": overrides,
+            "shrinks_deferred": _deferred(run_dir)}
+
+
+def _deferred(run_dir: Path) -> int:
+    """Evaluations whose shrink waited for its timing share (prune/shrink_refused = 5)."""
+    from dist_hrnas.metrics import read_scalars
+    from dist_hrnas.names import Tags
+    from dist_hrnas.search.decide import DEFERRED_MEASURE_SHARE
+
+    refused = read_scalars(run_dir / "tb").get(Tags.SHRINK_REFUSED, [])
+    return sum(1 for _, code in refused if code == DEFERRED_MEASURE_SHARE)
 
 
 def main() -> None:
@@ -271,6 +284,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for (e)'s search, e.g. prune.measure_share=1 (repeatable)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that it runs, figures mean nothing")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "overhead.json"))
     args = parser.parse_args()
@@ -290,7 +305,7 @@ def main() -> None:
         result |= memory_format_ratios(rounds, args.quick)
     if "candidates" in sections:
         with tempfile.TemporaryDirectory() as tmp:
-            result |= candidate_timing(Path(tmp))
+            result |= candidate_timing(Path(tmp), args.set)
     from dist_hrnas.fileio import atomic_write_json
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

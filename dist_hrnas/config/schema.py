@@ -208,6 +208,11 @@ class PruneConfig:
                                         "the same rounds, before any rank cuts (refused or re-fitted when not "
                                         "faster); false = the calibrated latency model decides (no candidate "
                                         "is timed: cheaper, less exact). Always false with latency.lut_device.")
+    measure_share: float = _f(0.05, "Before the last epoch a shrink's candidates are timed only while the search "
+                                    "has spent at most this share of its wall time since its start timing "
+                                    "candidates; otherwise the shrink waits for a later evaluation (the penalty "
+                                    "goes on; prune/shrink_refused = 5). A budget's landing and the last epoch "
+                                    "are always timed. 1 = no limit; 0 = time only those.")
     round_to: int | str = _f("auto", "Keep every shrinking branch's surviving width a multiple of N (the channels "
                                      "with the largest |scale| survive; a branch may still go to 0); 1 = off; auto = "
                                      "each branch's own channel grid, read from its latency curve on the target "
@@ -247,6 +252,9 @@ class PruneConfig:
         if not 0 <= self.budget_tolerance < 1:
             raise ConfigError(f"prune.budget_tolerance: must be in [0, 1), got {self.budget_tolerance}")
         positive("prune", "epoch_target", self.epoch_target, allow_zero=True)
+        if not 0 <= self.measure_share <= 1:
+            raise ConfigError(f"prune.measure_share: must be in [0, 1] (a share of the search's wall time), "
+                              f"got {self.measure_share}")
         positive("prune", "controller_kp", self.controller_kp, allow_zero=True)
         positive("prune", "controller_ki", self.controller_ki, allow_zero=True)
         if self.rho_max_factor < 1:

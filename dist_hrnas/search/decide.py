@@ -6,8 +6,9 @@ network now, in the same rounds (:func:`dist_hrnas.latency.networks.compare_netw
 measure faster is re-fitted (only its whole-branch removals kept) or refused. With a budget the calibrated
 model's pick is measured (at the landing, corrected by measurement while it misses the band), and with a
 ``prune.target_ratio`` every figure is taken against the supernet in the same rounds (else against the network
-now's own earlier figure, :mod:`dist_hrnas.search.units`). Every measured network
-also becomes a calibration point. With ``latency.lut_device`` (no device here) the calibrated latency model
+now's own earlier figure, :mod:`dist_hrnas.search.units`). Before the last epoch (and a budget's landing)
+nothing is timed once the search has spent ``prune.measure_share`` of its wall timing: the shrink waits for a
+later evaluation. Every measured network also becomes a calibration point. With ``latency.lut_device`` (no device here) the calibrated latency model
 decides instead.
 """
 from __future__ import annotations
@@ -36,6 +37,7 @@ REFUSED_BRANCH_SLOWER = 1   # model: some branches keep their channels (narrower
 REFUSED_NETWORK_SLOWER = 2  # model: the whole shrink is refused (the network would not get faster)
 REFITTED_WHOLE_BRANCHES = 3  # measured: not faster as proposed; only its whole-branch removals are taken
 REFUSED_MEASURED_SLOWER = 4  # measured: not faster (nor re-fitted); nothing is cut, the penalty goes on
+DEFERRED_MEASURE_SHARE = 5   # not timed: prune.measure_share of the wall is spent; a later evaluation shrinks
 # A candidate must measure at least this much faster than the network now, in the same rounds, to be taken,
 # and more than the two figures' own round-to-round spreads together (required_gain): on this VM a single
 # figure moved ~5 % between comparisons, so a 2 % gain inside a 2 % spread re-timed 4.6 % slower afterwards.
@@ -160,6 +162,8 @@ def _confirm(search: "Search", model: HRNet, masks: Masks, epoch: int, last_epoc
         candidates = [c for c in candidates if measurable(search, model, c)]
         if not candidates:
             return Decision(masks, False)
+        if search.measure_share_spent():
+            return Decision(masks, False, [DEFERRED_MEASURE_SHARE])
     probes = []
     for candidate in candidates:
         (now_s, now_spread), (after_s, after_spread), scale = _timed(search, model, candidate)
@@ -188,6 +192,8 @@ def _budget_candidates(search: "Search", model: HRNet, masks: Masks, epoch: int,
 
     aim = budget.aim_s(epoch + 1.0, last_epoch)
     landing = aim <= budget.target_s
+    if not landing and not last_epoch and search.measure_share_spent():
+        return Decision(masks, False, [DEFERRED_MEASURE_SHARE])
     timed: list[tuple] = []  # per candidate timed: (masks, (now s, spread), (after s, spread), scale)
     line: dict[int, tuple[float, float]] = {}  # channels taken along `ranked` -> (predicted, measured)
     refined = 0  # candidates timed after one read in the band, to land nearer the aim (NEAR_AIM)

@@ -87,6 +87,7 @@ class Search:
                                       smallest_measured_s=measure_smallest)
             if saved is not None and saved.get("budget"):
                 self.budget.load_state_dict(saved["budget"])
+        self.started_s = time.perf_counter()  # after the profile: the search's wall that prune.measure_share divides
 
     def smallest_measured_s(self, model: HRNet) -> float:
         """The smallest network this search can reach from ``model`` (every prunable branch removed), timed end to
@@ -155,6 +156,11 @@ class Search:
         if self.cfg.latency.lut_device or not self.cfg.prune.measure_before_cut:
             return decide_by_model(self, model, masks, epoch, last_epoch)
         return decide_by_measurement(self, model, masks, epoch, last_epoch)
+
+    def measure_share_spent(self) -> bool:
+        """Whether this run has spent more than ``prune.measure_share`` of its wall since the search started timing
+        candidates (rank 0's figures: only rank 0 times); a shrink before the last epoch then waits."""
+        return self.candidate_timing_s > self.cfg.prune.measure_share * (time.perf_counter() - self.started_s)
 
     def compare_on_rank0(self, archs: list[dict], rounds: int, retakes: int,
                          decided: Callable[[Figures, int], bool] | None = None) -> Figures:

@@ -1,0 +1,55 @@
+"""prune.measure_share: before the last epoch a shrink's candidates are timed only while the search's candidate
+timing is within that share of its wall since it started; the last epoch, and a budget's landing, always are."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from dist_hrnas.search.decide import DEFERRED_MEASURE_SHARE, decide_by_measurement
+from tests.latency.test_calibration import _search
+from tests.search.test_budget import Device, _measured_budget_search, even_lut  # noqa: F401 - a fixture
+
+
+def _spent(search, share_of_wall: float) -> None:
+    """As if the search had run 10 s and spent ``share_of_wall`` of them timing candidates."""
+    search.started_s = time.perf_counter() - 10.0
+    search.candidate_timing_s = 10.0 * share_of_wall
+
+
+def _channels(model) -> int:
+    return sum(b.hidden for _, block in model.named_blocks() for b in block.branches)
+
+
+def test_a_shrink_before_the_last_epoch_waits_while_the_share_is_spent(tmp_path):
+    search, model = _search(tmp_path, "prune.round_to=1", "prune.measure_share=0.05")
+    with torch.no_grad():  # every other branch dead: a shrink the model rates far more than 5 % faster
+        for _, bn in search.pairs[::2]:
+            bn.weight.zero_()
+    masks = search.registry.masks(model)
+    device = search.network_timer = Device(lambda m: 1e-5 * _channels(m))  # seconds follow the channels
+    search.latency_ms_measured = device(model) * 1e3  # the network now's earlier figure: the device's
+
+    _spent(search, 0.06)  # over its 5 %: the shrink waits and nothing is timed
+    waited = decide_by_measurement(search, model, masks, epoch=3, last_epoch=False)
+    assert not waited.due and waited.refusals == [DEFERRED_MEASURE_SHARE] and device.compared == []
+
+    _spent(search, 0.04)  # under it: timed, and taken (it measures faster)
+    taken = decide_by_measurement(search, model, masks, epoch=3, last_epoch=False)
+    assert taken.due and taken.refusals == [] and device.compared
+    assert taken.measured_s < taken.before_s
+
+    device.compared.clear()
+    _spent(search, 0.5)  # the last epoch is timed however much was spent: its shrink has no later evaluation
+    last = decide_by_measurement(search, model, masks, epoch=7, last_epoch=True)
+    assert last.due and device.compared
+
+
+def test_a_budget_waypoint_waits_while_the_share_is_spent_but_its_landing_is_timed(tmp_path, even_lut):
+    search, model, device = _measured_budget_search(tmp_path, even_lut, lambda p, p0: p)
+    search.cfg.prune.measure_share = 0.05  # the default (the helper lifts the limit for tests of other things)
+    _spent(search, 0.5)
+    waypoint = decide_by_measurement(search, model, {}, epoch=0, last_epoch=False)
+    assert not waypoint.due and waypoint.refusals == [DEFERRED_MEASURE_SHARE] and device.compared == []
+    landing = decide_by_measurement(search, model, {}, epoch=7, last_epoch=True)
+    assert device.compared and landing.due and landing.measured_s <= search.budget.target_s
