@@ -208,11 +208,12 @@ class PruneConfig:
                                         "the same rounds, before any rank cuts (refused or re-fitted when not "
                                         "faster); false = the calibrated latency model decides (no candidate "
                                         "is timed: cheaper, less exact). Always false with latency.lut_device.")
-    measure_share: float = _f(0.05, "Before the last epoch a shrink's candidates are timed only while the search "
-                                    "has spent at most this share of its wall time since its start timing "
-                                    "candidates; otherwise the shrink waits for a later evaluation (the penalty "
-                                    "goes on; prune/shrink_refused = 5). A budget's landing and the last epoch "
-                                    "are always timed. 1 = no limit; 0 = time only those.")
+    measure_share: float = _f(0.05, "Without a budget, before the last epoch a shrink's candidates are timed only "
+                                    "while the search has spent at most this share of its wall time since its "
+                                    "start timing candidates; otherwise the shrink waits for a later evaluation "
+                                    "(the penalty goes on; prune/shrink_refused = 5). The last epoch, and every "
+                                    "shrink of a budget search (it follows the plan), are always timed. 1 = no "
+                                    "limit; 0 = time at the last epoch only.")
     round_to: int | str = _f("auto", "Keep every shrinking branch's surviving width a multiple of N (the channels "
                                      "with the largest |scale| survive; a branch may still go to 0); 1 = off; auto = "
                                      "each branch's own channel grid, read from its latency curve on the target "

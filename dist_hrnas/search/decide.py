@@ -6,9 +6,10 @@ network now, in the same rounds (:func:`dist_hrnas.latency.networks.compare_netw
 measure faster is re-fitted (only its whole-branch removals kept) or refused. With a budget the calibrated
 model's pick is measured (at the landing, corrected by measurement while it misses the band), and with a
 ``prune.target_ratio`` every figure is taken against the supernet in the same rounds (else against the network
-now's own earlier figure, :mod:`dist_hrnas.search.units`). Before the last epoch (and a budget's landing)
-nothing is timed once the search has spent ``prune.measure_share`` of its wall timing: the shrink waits for a
-later evaluation. Every measured network also becomes a calibration point. With ``latency.lut_device`` (no device here) the calibrated latency model
+now's own earlier figure, :mod:`dist_hrnas.search.units`). Without a budget, before the last epoch nothing is
+timed once the search has spent ``prune.measure_share`` of its wall timing: the shrink waits for a later
+evaluation (a budget's shrinks follow its plan and are always timed). Every measured network also becomes a
+calibration point. With ``latency.lut_device`` (no device here) the calibrated latency model
 decides instead.
 """
 from __future__ import annotations
@@ -192,8 +193,6 @@ def _budget_candidates(search: "Search", model: HRNet, masks: Masks, epoch: int,
 
     aim = budget.aim_s(epoch + 1.0, last_epoch)
     landing = aim <= budget.target_s
-    if not landing and not last_epoch and search.measure_share_spent():
-        return Decision(masks, False, [DEFERRED_MEASURE_SHARE])
     timed: list[tuple] = []  # per candidate timed: (masks, (now s, spread), (after s, spread), scale)
     line: dict[int, tuple[float, float]] = {}  # channels taken along `ranked` -> (predicted, measured)
     refined = 0  # candidates timed after one read in the band, to land nearer the aim (NEAR_AIM)

@@ -320,9 +320,7 @@ def _measured_budget_search(tmp_path, lut, seconds_of_prediction, **overrides):
     from dist_hrnas.search import Search
     from tests.conftest import CONFIGS, SEARCH
 
-    # no limit on the share of the wall spent timing (tests/search/test_measure_share.py): the Device builds each
-    # network it is handed in this process, which counts as timing, and these tests decide in quick succession
-    cfg = load_config(CONFIGS / "digits.yaml", [*SEARCH, *MEASURED_BUDGET, *lut, "prune.measure_share=1"])
+    cfg = load_config(CONFIGS / "digits.yaml", [*SEARCH, *MEASURED_BUDGET, *lut])
     torch.manual_seed(0)
     model = build_model(cfg.model)
     search = Search(cfg, model, 16, tmp_path)

@@ -1,5 +1,6 @@
 """prune.measure_share: before the last epoch a shrink's candidates are timed only while the search's candidate
-timing is within that share of its wall since it started; the last epoch, and a budget's landing, always are."""
+timing is within that share of its wall since it started; the last epoch, and a budget search's shrinks, always
+are."""
 from __future__ import annotations
 
 import time
@@ -45,11 +46,10 @@ def test_a_shrink_before_the_last_epoch_waits_while_the_share_is_spent(tmp_path)
     assert last.due and device.compared
 
 
-def test_a_budget_waypoint_waits_while_the_share_is_spent_but_its_landing_is_timed(tmp_path, even_lut):
+def test_a_budget_search_times_its_waypoints_whatever_the_share(tmp_path, even_lut):
+    """A budget's shrinks follow its plan: held back, its landing would cut at once what the plan spreads."""
     search, model, device = _measured_budget_search(tmp_path, even_lut, lambda p, p0: p)
-    search.cfg.prune.measure_share = 0.05  # the default (the helper lifts the limit for tests of other things)
+    assert search.cfg.prune.measure_share == 0.05  # the default
     _spent(search, 0.5)
     waypoint = decide_by_measurement(search, model, {}, epoch=0, last_epoch=False)
-    assert not waypoint.due and waypoint.refusals == [DEFERRED_MEASURE_SHARE] and device.compared == []
-    landing = decide_by_measurement(search, model, {}, epoch=7, last_epoch=True)
-    assert device.compared and landing.due and landing.measured_s <= search.budget.target_s
+    assert device.compared and DEFERRED_MEASURE_SHARE not in waypoint.refusals
