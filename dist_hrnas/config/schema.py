@@ -212,7 +212,8 @@ class PruneConfig:
                                     "while the search has spent at most this share of its wall time since its "
                                     "start timing candidates; otherwise the shrink waits for a later evaluation "
                                     "(the penalty goes on; prune/shrink_refused = 5). The last epoch, and every "
-                                    "shrink of a budget search (it follows the plan), are always timed. 1 = no "
+                                    "shrink of a budget search (it follows the plan), are always timed; past the "
+                                    "share (no budget) each candidate is compared once, without retakes. 1 = no "
                                     "limit; 0 = time at the last epoch only.")
     round_to: int | str = _f("auto", "Keep every shrinking branch's surviving width a multiple of N (the channels "
                                      "with the largest |scale| survive; a branch may still go to 0); 1 = off; auto = "

@@ -8,7 +8,8 @@ model's pick is measured (at the landing, corrected by measurement while it miss
 ``prune.target_ratio`` every figure is taken against the supernet in the same rounds (else against the network
 now's own earlier figure, :mod:`dist_hrnas.search.units`). Without a budget, before the last epoch nothing is
 timed once the search has spent ``prune.measure_share`` of its wall timing: the shrink waits for a later
-evaluation (a budget's shrinks follow its plan and are always timed). Every measured network also becomes a
+evaluation (a budget's shrinks follow its plan and are always timed), and past that share the last epoch's
+candidates are compared once each, without the retakes that sharpen a figure (:func:`may_retake`). Every measured network also becomes a
 calibration point. With ``latency.lut_device`` (no device here) the calibrated latency model
 decides instead.
 """
@@ -278,9 +279,12 @@ def _timed(search: "Search", model: HRNet, candidate: Masks, landing: bool = Fal
     landing may take; by the candidate's figure), or, elsewhere, faster than the network now by less than
     CLEAR_GAIN (by the ratio of the two): a probe over the aim only steers the next one, and a clear gain or none
     decides alone. Otherwise a candidate whose figure departs from the calibrated model by more than DEPARTURE
-    (:func:`departure`) is compared once more, and the comparison whose candidate reads faster kept."""
+    (:func:`departure`) is compared once more, and the comparison whose candidate reads faster kept. Neither
+    once :func:`may_retake` says no."""
     first = _compared(search, model, candidate, landing)
     (now_s, _), (after_s, _), _ = first
+    if not may_retake(search):
+        return first
     if timed_runs_s(search, first) <= LANDING_MEDIAN_S:
         if aim_s is not None and after_s <= aim_s:
             return _median_comparison(search, model, candidate, landing, first, lambda f: f[1][0])
@@ -289,6 +293,16 @@ def _timed(search: "Search", model: HRNet, candidate: Masks, landing: bool = Fal
     if departure(search, model, candidate, after_s) <= 1.0 + DEPARTURE:
         return first
     return min(first, _compared(search, model, candidate, landing), key=lambda figures: figures[1][0])
+
+
+def may_retake(search: "Search") -> bool:
+    """Whether a candidate's comparison (or its rounds: CANDIDATE_RETAKES) may be taken again only to sharpen its
+    figures (after a LEVEL_JUMP, a DEPARTURE, or LANDING_COMPARISONS times): always in a budget search (its
+    landings are judged on those figures); without a budget only while ``prune.measure_share`` is not spent. Past
+    it each candidate is compared once, the last epoch's too: the "faster than now" decision is read in that
+    comparison's own rounds, and the retakes cost 2-3 comparisons a candidate (benchmark run of session 31: the last epoch's timing, ~12 s of 221 s, took
+    a default digits search to 10.2 % of its wall after the share had held the epochs before to 5 %)."""
+    return search.budget is not None or not search.measure_share_spent()
 
 
 def _median_comparison(search: "Search", model: HRNet, candidate: Masks, landing: bool, first: tuple,
@@ -336,9 +350,10 @@ def _compared(search: "Search", model: HRNet, candidate: Masks,
     reference_s = search.latency_ms_measured * 1e-3
     figures = []
     for _ in range(2):  # a second time only when the network now jumped from its earlier figure (LEVEL_JUMP)
-        figures.append(search.compare_on_rank0(archs, CANDIDATE_ROUNDS, LANDING_RETAKES if landing else
-                                               CANDIDATE_RETAKES, None if landing else _settled))
-        if (at is not None and figures[-1][at][1] <= spread) or not level_jumped(reference_s, figures[-1][0][0]):
+        retakes = LANDING_RETAKES if landing else CANDIDATE_RETAKES if may_retake(search) else 0
+        figures.append(search.compare_on_rank0(archs, CANDIDATE_ROUNDS, retakes, None if landing else _settled))
+        if ((at is not None and figures[-1][at][1] <= spread) or not level_jumped(reference_s, figures[-1][0][0])
+                or not may_retake(search)):
             break
     figures = min(figures, key=lambda f: abs(math.log(f[0][0] / reference_s)) if reference_s > 0 else 0.0)
     if at is not None and figures[at][1] <= spread:

@@ -1,6 +1,6 @@
 """prune.measure_share: before the last epoch a shrink's candidates are timed only while the search's candidate
 timing is within that share of its wall since it started; the last epoch, and a budget search's shrinks, always
-are."""
+are, but past the share each candidate is compared once, without the retakes that sharpen a figure."""
 from __future__ import annotations
 
 import time
@@ -44,6 +44,29 @@ def test_a_shrink_before_the_last_epoch_waits_while_the_share_is_spent(tmp_path)
     _spent(search, 0.5)  # the last epoch is timed however much was spent: its shrink has no later evaluation
     last = decide_by_measurement(search, model, masks, epoch=7, last_epoch=True)
     assert last.due and device.compared
+
+
+def test_past_the_share_the_last_epoch_compares_each_candidate_once(tmp_path):
+    """The machine reads 1.3x slower than at the network now's earlier figure (a LEVEL_JUMP): within the share the
+    comparison is taken again; past it the one comparison decides, and still takes the faster candidate."""
+    search, model = _search(tmp_path, "prune.round_to=1", "prune.measure_share=0.05")
+    with torch.no_grad():
+        for _, bn in search.pairs[::2]:
+            bn.weight.zero_()
+    masks = search.registry.masks(model)
+    device = search.network_timer = Device(lambda m: 1e-5 * _channels(m))
+    search.latency_ms_measured = device(model) * 1e3
+    device.slower = 1.3
+
+    _spent(search, 0.0)
+    within = decide_by_measurement(search, model, masks, epoch=7, last_epoch=True)
+    assert within.due and device.compared == [2, 2] and device.retakes == 1
+
+    device.compared.clear()
+    _spent(search, 0.5)
+    past = decide_by_measurement(search, model, masks, epoch=7, last_epoch=True)
+    assert past.due and device.compared == [2] and device.retakes == 0
+    assert past.measured_s == within.measured_s  # the same figures, scaled back to the start's units alike
 
 
 def test_a_budget_search_times_its_waypoints_whatever_the_share(tmp_path, even_lut):
