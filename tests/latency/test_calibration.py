@@ -193,7 +193,9 @@ def test_round_to_auto_reads_the_grid_off_the_curve(curve, grid):
 def _search(tmp_path, *extra):
     from dist_hrnas.search import Search
 
-    cfg = load_config(CONFIGS / "digits.yaml", [*SEARCH, "prune.threshold=1e-3", *extra])
+    # prune.measure_share=1: these searches time candidates in their first milliseconds, where any timing is over
+    # a share of the wall and would drop the retakes tested here; tests/search/test_measure_share.py sets both
+    cfg = load_config(CONFIGS / "digits.yaml", [*SEARCH, "prune.threshold=1e-3", "prune.measure_share=1", *extra])
     torch.manual_seed(0)
     model = build_model(cfg.model)
     return Search(cfg, model, 16, tmp_path), model
