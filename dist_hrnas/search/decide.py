@@ -9,8 +9,8 @@ model's pick is measured (at the landing, corrected by measurement while it miss
 now's own earlier figure, :mod:`dist_hrnas.search.units`). Without a budget, before the last epoch nothing is
 timed once the search has spent ``prune.measure_share`` of its wall timing: the shrink waits for a later
 evaluation (a budget's shrinks follow its plan and are always timed), and past that share the last epoch's
-candidates are compared once each, without the retakes that sharpen a figure (:func:`may_retake`). Every measured network also becomes a
-calibration point. With ``latency.lut_device`` (no device here) the calibrated latency model
+candidates are compared once each, without the retakes that sharpen a figure (:func:`may_retake`). Every measured
+network also becomes a calibration point. With ``latency.lut_device`` (no device here) the calibrated latency model
 decides instead.
 """
 from __future__ import annotations
@@ -300,8 +300,9 @@ def may_retake(search: "Search") -> bool:
     figures (after a LEVEL_JUMP, a DEPARTURE, or LANDING_COMPARISONS times): always in a budget search (its
     landings are judged on those figures); without a budget only while ``prune.measure_share`` is not spent. Past
     it each candidate is compared once, the last epoch's too: the "faster than now" decision is read in that
-    comparison's own rounds, and the retakes cost 2-3 comparisons a candidate (benchmark run of session 31: the last epoch's timing, ~12 s of 221 s, took
-    a default digits search to 10.2 % of its wall after the share had held the epochs before to 5 %)."""
+    comparison's own rounds, and the retakes cost 2-3 comparisons a candidate (benchmark run of session 31: the
+    last epoch's timing, ~12 s of 221 s, took a default digits search to 10.2 % of its wall after the share had
+    held the epochs before to 5 %)."""
     return search.budget is not None or not search.measure_share_spent()
 
 
