@@ -212,6 +212,19 @@ class LatencyProfile:
         self.context_s = self.network_s - sum(self.parts(supernet).values())
         return self
 
+    def relevel(self, factor: float) -> None:
+        """Every figure taken at the start (the supernet's, and the calibration's supernet and sample points: one
+        machine speed) times ``factor``, and the fit again: a search whose own later figures say the start's speed
+        was not the machine's (``search.decide.start_level``) moves its model to theirs. The points its shrinks
+        added are in their own minute's units already and stay."""
+        self.context_s += (factor - 1.0) * self.network_s  # context = network - the supernet's parts
+        self.network_s *= factor
+        if self.calibration is not None:
+            for point in self.calibration.points:
+                if point[2] in ("supernet", "sample"):
+                    point[1] *= factor
+            self.calibration.fit()
+
     def refit(self, parts: Parts, measured_s: float, source: str) -> None:
         """Add one measured network to the calibration and fit it again."""
         if self.calibration is None:

@@ -115,6 +115,7 @@ class Decision:
     probes: list[tuple[dict, float]] = field(default_factory=list)  # (calibration parts, measured seconds)
     scale: float = 1.0  # measured figures were scaled by this to the start's units (see _timed)
     probes_before_s: list[float] = field(default_factory=list)  # the network now, in each probe's comparison
+    level: float = 1.0  # the start's figures times this are the machine's (start_level); 1: they stand
 
 
 def decide_by_model(search: "Search", model: HRNet, masks: Masks, epoch: int, last_epoch: bool) -> Decision:
@@ -139,7 +140,8 @@ def decide_by_measurement(search: "Search", model: HRNet, masks: Masks, epoch: i
                                                                                    last_epoch)
         return {"flat": flatten_masks(model, decision.masks).tolist(), "due": decision.due,
                 "refusals": decision.refusals, "measured_s": decision.measured_s, "before_s": decision.before_s,
-                "probes": decision.probes, "scale": decision.scale, "probes_before_s": decision.probes_before_s}
+                "probes": decision.probes, "scale": decision.scale, "probes_before_s": decision.probes_before_s,
+                "level": decision.level}
 
     payload = comm.broadcast_object(comm.on_rank0(on_rank0, "measuring the shrink's candidates"))
     masks = unflatten_masks(model, torch.tensor(payload.pop("flat"), dtype=torch.bool))
@@ -172,8 +174,28 @@ def _confirm(search: "Search", model: HRNet, masks: Masks, epoch: int, last_epoc
         probes.append((search.profile.parts(shrunk_view(model, candidate)), after_s))
         if after_s < now_s * (1.0 - required_gain(now_spread, after_spread)):
             refitted = [REFITTED_WHOLE_BRANCHES] if candidate is whole else []
-            return Decision(candidate, True, refitted, after_s, now_s, probes[-1:], scale)
+            return Decision(candidate, True, refitted, after_s, now_s, probes[-1:], scale,
+                            level=start_level(search, now_s, now_spread, scale))
     return Decision(masks, False, [REFUSED_MEASURED_SLOWER], before_s=now_s, probes=probes, scale=scale)
+
+
+def start_level(search: "Search", now_s: float, now_spread: float, scale: float) -> float:
+    """At a search's first shrink, the network now (the supernet) timed beside its candidate against the supernet's
+    figure at the start: their ratio when it reads faster beyond its rounds' spread (at least
+    ``latency.network_spread``) but not by a LEVEL_JUMP, else 1. Such a comparison is left unscaled (a faster
+    network now says the earlier figure was the slow one: :func:`units.slow_spell_scale`), so its figures are in this
+    minute's units while the calibration's start points (the supernet, the LUT's samples scaled to it) are in the
+    start's: the search's predictions then sat 10-18 % over its own figures, and the outlier guard kept the first of
+    them out of the fit (runs AP and AQ, session 32: start figures 1.07-1.09 of their re-timing; their network now
+    read 0.89-0.95 of them beside the first candidate). The start's points are moved to the network now's level
+    (:meth:`LatencyProfile.relevel`). Not in a budget search: its target is a ratio to the start's supernet figure
+    and its landings re-reference it in their own rounds."""
+    reference_s = search.latency_ms_measured * 1e-3
+    if search.budget is not None or search.shrinks or scale != 1.0 or reference_s <= 0:
+        return 1.0
+    if now_s >= reference_s * (1.0 - max(search.cfg.latency.network_spread, now_spread)):
+        return 1.0
+    return 1.0 if level_jumped(reference_s, now_s) else now_s / reference_s
 
 
 def _budget_candidates(search: "Search", model: HRNet, masks: Masks, epoch: int, last_epoch: bool) -> Decision:

@@ -258,12 +258,16 @@ class Search:
                              last_epoch)
 
     # ---- after a shrink
-    def after_surgery(self, model: HRNet, measured: list[tuple[Parts, float]]) -> None:
-        """The calibration takes the networks measured for this shrink (rank 0 fits, every rank gets its
+    def after_surgery(self, model: HRNet, measured: list[tuple[Parts, float]], level: float = 1.0) -> None:
+        """The calibration moves to the measured ``level`` (``search.decide.start_level``; every rank, from the
+        broadcast decision) and takes the networks measured for this shrink (rank 0 fits, every rank gets its
         coefficients); registry costs, BN pairs and the cached prediction follow the shrunk model."""
-        if measured:
-            for parts, seconds in measured:
-                self.profile.refit(parts, seconds, "shrink")
+        if level != 1.0:
+            self.profile.relevel(level)
+            self.supernet_predicted_s *= level  # the pruned-seconds schedule stays in the model's units
+        for parts, seconds in measured:
+            self.profile.refit(parts, seconds, "shrink")
+        if self.profile.calibration is not None and (measured or level != 1.0):
             self.profile.calibration.coef = comm.broadcast_object(self.profile.calibration.coef)
         self.registry.update_after_shrink(model, self.profile)
         self.pairs = self.registry.bns(model)

@@ -111,7 +111,7 @@ def shrink(search: Search, state: TrainState, ctx: comm.DistContext, decision: D
     arch_hash, rank_hashes = check_same_on_all_ranks(model, state.step)
     # the model's prediction before this shrink's measurements join its fit: the out-of-sample figure
     unseen_ms = search.profile.predict_s(model) * 1e3
-    search.after_surgery(model, decision.probes)
+    search.after_surgery(model, decision.probes, decision.level)
     rewrap(state, search.cfg, ctx, lambda old, new: carry_optimizer_state(old, old_params, new, model, result))
     if search.cfg.prune.bn_calibration_steps:
         calibrate_bn(model, calibration_batches(), search.cfg.prune.bn_calibration_steps,

@@ -1,0 +1,47 @@
+"""A search whose supernet figure at the start was read in a slow spell: the network now, timed beside the first
+candidate, reads it faster, and the calibration's start points move to that level (search.decide.start_level)."""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from dist_hrnas.search.decide import decide_by_measurement
+from dist_hrnas.search.surgery import shrink_model
+from tests.latency.test_calibration import _search
+from tests.search.test_budget import Device
+
+
+def _first_shrink(tmp_path, machine: float, relevel: bool):
+    """A digits search whose device runs every network at ``machine`` x what the search's model (at the start's
+    level) predicts; its first shrink decided by measurement and cut. Returns (search, model, device, decision)."""
+    search, model = _search(tmp_path, "prune.round_to=1")
+    start = copy.deepcopy(search.profile)
+    device = search.network_timer = Device(lambda m: machine * start.predict_s(m))
+    search.latency_ms_measured = start.predict_s(model) * 1e3  # the start's figure, at the model's level
+    with torch.no_grad():
+        for _, bn in search.pairs[::2]:
+            bn.weight.zero_()
+    decision = decide_by_measurement(search, model, search.registry.masks(model), epoch=7, last_epoch=True)
+    assert decision.due
+    shrink_model(model, decision.masks)
+    search.after_surgery(model, decision.probes, decision.level if relevel else 1.0)
+    return search, model, device, decision
+
+
+def _error(search, model, device) -> float:
+    return abs(search.profile.predict_s(model) / device(model) - 1.0)
+
+
+def test_a_start_read_slow_moves_the_model_to_the_first_comparisons_level(tmp_path):
+    search, model, device, decision = _first_shrink(tmp_path / "a", 0.92, relevel=True)
+    assert abs(decision.level - 0.92) < 1e-6
+    assert _error(search, model, device) < 0.02  # predicted as the device runs it
+    kept, model_b, device_b, _ = _first_shrink(tmp_path / "b", 0.92, relevel=False)
+    assert _error(kept, model_b, device_b) > 0.03  # without it the model stays near the start's level
+
+
+def test_a_start_within_the_rounds_spread_stands(tmp_path):
+    """A network now 3 % faster is within latency.network_spread (5 %): the start's figures stand."""
+    _, _, _, decision = _first_shrink(tmp_path, 0.97, relevel=True)
+    assert decision.level == 1.0
