@@ -19,7 +19,7 @@ broadcast by rank 0), so every rank computes the same rho at every step.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable
 
 from dist_hrnas.errors import UserError
@@ -174,6 +174,12 @@ class BudgetSteer:
         """Measured seconds in the latency model's units, by the latest measured/predicted ratio."""
         predicted, measured = self.points[-1]
         return measured_s * predicted / measured
+
+    def relevel(self, factor: float) -> None:
+        """The latency model's units moved by ``factor`` (``LatencyProfile.relevel``): the plan's pruned seconds
+        with them, so the controller compares like with like. The target stays in measured seconds."""
+        self.plan = replace(self.plan, total_s=self.plan.total_s * factor)
+        self.supernet_predicted_s *= factor
 
     def rho(self, epoch: float, pruned_s: float) -> float:
         """rho for this step: 0 before ``epoch_free`` and once the budget is met, else the controller's."""

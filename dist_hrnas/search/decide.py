@@ -188,10 +188,11 @@ def start_level(search: "Search", now_s: float, now_spread: float, scale: float)
     start's: the search's predictions then sat 10-18 % over its own figures, and the outlier guard kept the first of
     them out of the fit (runs AP and AQ, session 32: start figures 1.07-1.09 of their re-timing; their network now
     read 0.89-0.95 of them beside the first candidate). The start's points are moved to the network now's level
-    (:meth:`LatencyProfile.relevel`). Not in a budget search: its target is a ratio to the start's supernet figure
-    and its landings re-reference it in their own rounds."""
+    (:meth:`LatencyProfile.relevel`). In a budget search the plan moves with the model's units; the target stays
+    (a ratio target is re-referenced to the supernet in the landing's own rounds), and a comparison scaled to the
+    start's units (a landing's) leaves the start standing."""
     reference_s = search.latency_ms_measured * 1e-3
-    if search.budget is not None or search.shrinks or scale != 1.0 or reference_s <= 0:
+    if search.shrinks or scale != 1.0 or reference_s <= 0:
         return 1.0
     if now_s >= reference_s * (1.0 - max(search.cfg.latency.network_spread, now_spread)):
         return 1.0
@@ -267,7 +268,8 @@ def _budget_candidates(search: "Search", model: HRNet, masks: Masks, epoch: int,
     if after_s >= now_s * (1.0 - gain):
         return Decision(masks, False, [REFUSED_MEASURED_SLOWER], before_s=now_s, probes=probes, scale=scale,
                         probes_before_s=befores)
-    return Decision(candidate, True, [], after_s, now_s, probes, scale, befores)
+    return Decision(candidate, True, [], after_s, now_s, probes, scale, befores,
+                    level=start_level(search, now_s, now_spread, scale))
 
 
 def _now_s(timed: list[tuple]) -> float:

@@ -265,6 +265,8 @@ class Search:
         if level != 1.0:
             self.profile.relevel(level)
             self.supernet_predicted_s *= level  # the pruned-seconds schedule stays in the model's units
+            if self.budget is not None:
+                self.budget.relevel(level)
         for parts, seconds in measured:
             self.profile.refit(parts, seconds, "shrink")
         if self.profile.calibration is not None and (measured or level != 1.0):

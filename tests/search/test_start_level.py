@@ -9,7 +9,7 @@ import torch
 from dist_hrnas.search.decide import decide_by_measurement
 from dist_hrnas.search.surgery import shrink_model
 from tests.latency.test_calibration import _search
-from tests.search.test_budget import Device
+from tests.search.test_budget import Device, _measured_budget_search, even_lut  # noqa: F401 (a fixture)
 
 
 def _first_shrink(tmp_path, machine: float, relevel: bool):
@@ -45,3 +45,20 @@ def test_a_start_within_the_rounds_spread_stands(tmp_path):
     """A network now 3 % faster is within latency.network_spread (5 %): the start's figures stand."""
     _, _, _, decision = _first_shrink(tmp_path, 0.97, relevel=True)
     assert decision.level == 1.0
+
+
+def test_a_budget_searchs_first_waypoint_moves_the_model_and_the_plan_not_the_target(tmp_path, even_lut):
+    """A ratio budget whose supernet figure was read 1/0.92 slow: its first waypoint (not a landing, so its figures
+    are not scaled to the start's) re-levels the latency model and the plan's pruned seconds by 0.92; the target
+    in measured seconds stands (the landing re-references it to the supernet in its own rounds)."""
+    search, model, device = _measured_budget_search(tmp_path, even_lut, lambda p, p0: p, slower=0.92)
+    budget, start = search.budget, copy.deepcopy(search.profile)
+    target_s, total_s = budget.target_s, budget.plan.total_s
+    decision = decide_by_measurement(search, model, {}, epoch=0, last_epoch=False)
+    assert decision.due and decision.scale == 1.0 and abs(decision.level - 0.92) < 1e-6
+    shrink_model(model, decision.masks)
+    search.after_surgery(model, decision.probes, decision.level)
+    assert budget.target_s == target_s and abs(budget.plan.total_s / total_s - 0.92) < 1e-9
+    # this LUT has no fitted calibration: the supernet's figure moves, and with it the context part of every prediction
+    assert abs(search.profile.network_s / start.network_s - 0.92) < 1e-9
+    assert search.profile.predict_s(model) < start.predict_s(model)
