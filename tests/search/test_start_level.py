@@ -44,9 +44,12 @@ def _error(search, model, device) -> float:
 def test_a_start_read_slow_moves_the_model_to_the_first_comparisons_level(tmp_path):
     search, model, device, decision = _first_shrink(tmp_path / "a", 0.92, relevel=True)
     assert abs(decision.level - 0.92) < 1e-6
-    assert _error(search, model, device) < 0.02  # predicted as the device runs it
+    releveled = _error(search, model, device)
+    assert releveled < 0.01  # predicted as the device runs it
     kept, model_b, device_b, _ = _first_shrink(tmp_path / "b", 0.92, relevel=False)
-    assert _error(kept, model_b, device_b) > 0.03  # without it the model stays near the start's level
+    # without it the fit keeps the start's level but for what the one shrink point pulls it (1.5-7 % off here,
+    # depending on the measured LUT's few calibration networks)
+    assert _error(kept, model_b, device_b) > 2 * releveled
 
 
 def test_a_network_now_read_faster_while_its_candidate_reads_as_predicted_leaves_the_start_standing(tmp_path):
