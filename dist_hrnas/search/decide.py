@@ -199,8 +199,10 @@ def start_level(search: "Search", model: HRNet, candidate: Masks, now: tuple[flo
     ratio target is re-referenced to the supernet in the landing's own rounds), and a comparison scaled to the
     start's units (a landing's) leaves the start standing."""
     reference_s = search.latency_ms_measured * 1e-3
+    if search.shrinks or scale != 1.0 or reference_s <= 0 or level_jumped(reference_s, now[0]):
+        return 1.0
     predicted_s = predict_after_masks(search.profile, model, candidate)
-    if search.shrinks or scale != 1.0 or min(reference_s, predicted_s) <= 0 or level_jumped(reference_s, now[0]):
+    if predicted_s <= 0:
         return 1.0
     floor = search.cfg.latency.network_spread
     ratios = [(now[0] / reference_s, now[1]), (after[0] / predicted_s, after[1])]
