@@ -215,7 +215,7 @@ class LatencyProfile:
     def relevel(self, factor: float) -> None:
         """Every figure taken at the start (the supernet's, and the calibration's supernet and sample points: one
         machine speed) times ``factor``, and the fit again: a search whose own later figures say the start's speed
-        was not the machine's (``search.decide.start_level``) moves its model to theirs. The points its shrinks
+        was not the machine's (``search.units.start_level``) moves its model to theirs. The points its shrinks
         added are in their own minute's units already and stay. Without a fitted calibration only the context part
         moves (the supernet's prediction by ``factor``, a smaller network's by the same seconds)."""
         self.context_s += (factor - 1.0) * self.network_s  # context = network - the supernet's parts

@@ -29,7 +29,7 @@ from dist_hrnas.search.ranking import (between, branch_channels, deferring, full
                                       ranked_channels, same_masks, shortest_prefix)
 from dist_hrnas.search.masks import (Masks, arch_after_masks, broadcast_masks, dead_channels, flatten_masks,
                                      predict_after_masks, shrunk_view, unflatten_masks, whole_branches_only)
-from dist_hrnas.search.units import level_jumped, level_scale, near_predicted
+from dist_hrnas.search.units import level_jumped, level_scale, near_predicted, start_level
 
 if TYPE_CHECKING:
     from dist_hrnas.search.driver import Search
@@ -178,37 +178,6 @@ def _confirm(search: "Search", model: HRNet, masks: Masks, epoch: int, last_epoc
                             level=start_level(search, model, candidate, (now_s, now_spread), (after_s, after_spread),
                                               scale))
     return Decision(masks, False, [REFUSED_MEASURED_SLOWER], before_s=now_s, probes=probes, scale=scale)
-
-
-def start_level(search: "Search", model: HRNet, candidate: Masks, now: tuple[float, float],
-                after: tuple[float, float], scale: float) -> float:
-    """At a search's first shrink, how far the start's figures were off this minute's, read in the comparison that
-    took the candidate (``now``, ``after``: (seconds, spread) of the network now and the candidate): the network now
-    (the supernet) against its figure at the start, and the candidate against the calibrated model's prediction of
-    it (fitted at the start's level). When both read faster, each beyond its rounds' spread (at least
-    ``latency.network_spread``) and the network now not by a LEVEL_JUMP, the factor nearer 1 of the two; else 1.
-    Such a comparison is left unscaled (a faster network now says the earlier figure was the slow one:
-    :func:`units.slow_spell_scale`), so its figures are in this minute's units while the calibration's start points
-    (the supernet, the LUT's samples scaled to it) are in the start's: the search's predictions then sat 10-18 %
-    over its own figures, and the outlier guard kept the first of them out of the fit (runs AP and AQ, session 32:
-    start figures 1.07-1.09 of their re-timing; their network now read 0.89-0.95 of them beside the first
-    candidate). The start's points are moved to that level (:meth:`LatencyProfile.relevel`). Both must say so: in
-    a search whose start figure was taken under an induced load (session 33) the network now read 0.940 of it while
-    its candidate read 0.995 of its prediction, and the level from the network now alone put the next predictions
-    6-10 % under their re-timing. In a budget search the plan moves with the model's units; the target stays (a
-    ratio target is re-referenced to the supernet in the landing's own rounds), and a comparison scaled to the
-    start's units (a landing's) leaves the start standing."""
-    reference_s = search.latency_ms_measured * 1e-3
-    if search.shrinks or scale != 1.0 or reference_s <= 0 or level_jumped(reference_s, now[0]):
-        return 1.0
-    predicted_s = predict_after_masks(search.profile, model, candidate)
-    if predicted_s <= 0:
-        return 1.0
-    floor = search.cfg.latency.network_spread
-    ratios = [(now[0] / reference_s, now[1]), (after[0] / predicted_s, after[1])]
-    if any(ratio >= 1.0 - max(floor, spread) for ratio, spread in ratios):
-        return 1.0
-    return max(ratio for ratio, _ in ratios)
 
 
 def _budget_candidates(search: "Search", model: HRNet, masks: Masks, epoch: int, last_epoch: bool) -> Decision:

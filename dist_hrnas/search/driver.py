@@ -259,7 +259,7 @@ class Search:
 
     # ---- after a shrink
     def after_surgery(self, model: HRNet, measured: list[tuple[Parts, float]], level: float = 1.0) -> None:
-        """The calibration moves to the measured ``level`` (``search.decide.start_level``; every rank, from the
+        """The calibration moves to the measured ``level`` (``search.units.start_level``; every rank, from the
         broadcast decision) and takes the networks measured for this shrink (rank 0 fits, every rank gets its
         coefficients); registry costs, BN pairs and the cached prediction follow the shrunk model."""
         if level != 1.0:

@@ -131,7 +131,7 @@ def shrink(search: Search, state: TrainState, ctx: comm.DistContext, decision: D
             extra["network_now_measured_ms"] = [round(seconds * 1e3, 4) for seconds in decision.probes_before_s]
     if decision.scale != 1.0:  # figures in the units of the start's supernet figure (search.decide._timed)
         extra["latency_scale_to_start"] = round(decision.scale, 5)
-    if decision.level != 1.0:  # the calibration's start points moved to this comparison's level (decide.start_level)
+    if decision.level != 1.0:  # the calibration's start points moved to this comparison's level (units.start_level)
         extra["latency_start_level"] = round(decision.level, 5)
     if search.budget is not None:
         search.budget.observe(search.predicted_now_s, measured_ms / 1e3)

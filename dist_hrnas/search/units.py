@@ -6,6 +6,14 @@ calibrated model's prediction bounds how far such a factor may move the candidat
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from dist_hrnas.models import HRNet
+from dist_hrnas.search.masks import Masks, predict_after_masks
+
+if TYPE_CHECKING:
+    from dist_hrnas.search.driver import Search
+
 # How far under the calibrated model's prediction a scale may take a candidate's figure (not_far_under_predicted):
 # about the model's own error on networks it has not seen (held-out median 2-6 %, max 6-15 %), so the bound stops
 # a reference read in a slow spell (scales down to 0.67 here) without overruling the model's own few percent.
@@ -80,3 +88,34 @@ def slow_spell_scale(reference_s: float, now_s: float) -> float:
     7.5 % against 4.9 % with it (run G), one rho search's own figures ended 16-37 % under their re-timing and a
     0.35 budget landed 40 % over its ratio."""
     return min(1.0, reference_s / now_s) if now_s > 0 and reference_s > 0 else 1.0
+
+
+def start_level(search: "Search", model: HRNet, candidate: Masks, now: tuple[float, float],
+                after: tuple[float, float], scale: float) -> float:
+    """At a search's first shrink, how far the start's figures were off this minute's, read in the comparison that
+    took the candidate (``now``, ``after``: (seconds, spread) of the network now and the candidate): the network now
+    (the supernet) against its figure at the start, and the candidate against the calibrated model's prediction of
+    it (fitted at the start's level). When both read faster, each beyond its rounds' spread (at least
+    ``latency.network_spread``) and the network now not by a LEVEL_JUMP, the factor nearer 1 of the two; else 1.
+    Such a comparison is left unscaled (a faster network now says the earlier figure was the slow one:
+    :func:`slow_spell_scale`), so its figures are in this minute's units while the calibration's start points
+    (the supernet, the LUT's samples scaled to it) are in the start's: the search's predictions then sat 10-18 %
+    over its own figures, and the outlier guard kept the first of them out of the fit (runs AP and AQ, session 32:
+    start figures 1.07-1.09 of their re-timing; their network now read 0.89-0.95 of them beside the first
+    candidate). The start's points are moved to that level (:meth:`LatencyProfile.relevel`). Both must say so: in
+    a search whose start figure was taken under an induced load (session 33) the network now read 0.940 of it while
+    its candidate read 0.995 of its prediction, and the level from the network now alone put the next predictions
+    6-10 % under their re-timing. In a budget search the plan moves with the model's units; the target stays (a
+    ratio target is re-referenced to the supernet in the landing's own rounds), and a comparison scaled to the
+    start's units (a landing's) leaves the start standing."""
+    reference_s = search.latency_ms_measured * 1e-3
+    if search.shrinks or scale != 1.0 or reference_s <= 0 or level_jumped(reference_s, now[0]):
+        return 1.0
+    predicted_s = predict_after_masks(search.profile, model, candidate)
+    if predicted_s <= 0:
+        return 1.0
+    floor = search.cfg.latency.network_spread
+    ratios = [(now[0] / reference_s, now[1]), (after[0] / predicted_s, after[1])]
+    if any(ratio >= 1.0 - max(floor, spread) for ratio, spread in ratios):
+        return 1.0
+    return max(ratio for ratio, _ in ratios)

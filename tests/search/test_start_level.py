@@ -1,5 +1,5 @@
 """A search whose supernet figure at the start was read in a slow spell: the network now, timed beside the first
-candidate, reads it faster, and the calibration's start points move to that level (search.decide.start_level)."""
+candidate, reads it faster, and the calibration's start points move to that level (search.units.start_level)."""
 from __future__ import annotations
 
 import copy
