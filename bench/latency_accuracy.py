@@ -19,7 +19,9 @@ re-time every shrink's network afterwards (bench/retime.py: fresh processes, int
 times, the mean is the figure); report the error of each shrink's prediction against that figure (``trajectory``)
 and how far the passes disagree (``retiming_repeatability_*_pct``: a perfect prediction is off by that much), and
 each search's start figure of the supernet over its re-timing (``supernet_start_over_retimed_range``: how far the
-machine's speed moved between the two, which every absolute error carries).
+machine's speed moved between the two, which every absolute error carries), and the searches' own figures of
+their shrinks' networks against the re-timing (``run_measured_vs_retimed_*_pct``: a model that predicts the
+search's own figures exactly is off by that much).
 
 Usage: ``python bench/latency_accuracy.py [--configs digits imagenet] [--levels 4] [--ops 40] [--trajectory]
 [--retime-passes 2] [--out FILE]``
@@ -191,7 +193,7 @@ def trajectory(work: Path, passes: int = 2) -> dict:
     ``passes`` re-timings; how far they disagree is reported as the truth's own noise)."""
     import subprocess
 
-    out, errors, unseen, budgets, repeat, relative, levels = {}, [], [], {}, [], [], []
+    out, errors, unseen, budgets, repeat, relative, levels, own = {}, [], [], {}, [], [], [], []
     # training may use every core (its speed is not what is measured); timing stays at latency.threads
     env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
     for name, extra in {**TRAJECTORY_RUNS, **BUDGET_RUNS}.items():
@@ -213,6 +215,8 @@ def trajectory(work: Path, passes: int = 2) -> dict:
             errors += [abs(r["error_pct"]) for r in retimed["shrinks"]]
             unseen += [abs(r["error_pct_before_refit"]) for r in retimed["shrinks"] if "error_pct_before_refit" in r]
             relative += [abs(r["error_vs_supernet_pct"]) for r in retimed["shrinks"] if "error_vs_supernet_pct" in r]
+            own += [100 * abs(r["run_measured_ms_after"] / r["retimed_ms_after"] - 1) for r in retimed["shrinks"]
+                    if r.get("run_measured_ms_after")]
         if summary.get("target_latency_ms") and retimed["shrinks"]:
             final = retimed["shrinks"][-1]["retimed_ms_after"]
             ratio = float(dict(a.split("=") for a in extra)["prune.target_ratio"])
@@ -240,6 +244,9 @@ def trajectory(work: Path, passes: int = 2) -> dict:
     if repeat:  # every network of every search: the re-timings' disagreement, the floor any prediction is judged at
         out["retiming_repeatability_median_pct"] = round(statistics.median(repeat), 2)
         out["retiming_repeatability_max_pct"] = round(max(repeat), 2)
+    if own:  # the search's own figure of each network against its re-timing: the machine's move, not the model's
+        out["run_measured_vs_retimed_median_pct"] = round(statistics.median(own), 2)
+        out["run_measured_vs_retimed_max_pct"] = round(max(own), 2)
     if levels:  # each search's start figure of the supernet over its re-timing: the machine's move in between
         out["supernet_start_over_retimed_range"] = [min(levels), max(levels)]
     out["budgets"] = budgets
